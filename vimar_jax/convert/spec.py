@@ -154,3 +154,17 @@ def from_torch_state_dict(module, rules: Iterable[TensorRule], state_dict) -> No
         return tensors[key]
 
     load_into(module, assemble(rules, shapes, get))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """How to build a model for one HF checkpoint: what each model family returns to the converter.
+
+    Each top-level model module has `checkpoint_spec(config: dict, hf_keys: set[str]) -> CheckpointSpec`:
+    it reads the HF `config.json` dict, detects the key layout from the key set (e.g. llava-hf's
+    `language_model.model.*` vs `model.language_model.*`) and returns the module factory and the rules.
+    """
+    kind: str                                  # "clip" | "llava_next" | "value" | "decoder"
+    make_module: Callable[..., object]         # make_module(dtype=..., param_dtype=..., rngs=nnx.Rngs(0))
+    rules: list[TensorRule]
+    layout: dict = dataclasses.field(default_factory=dict)   # whatever is needed to write the layout back
