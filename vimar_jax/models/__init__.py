@@ -1,0 +1,1 @@
+"""vimar_jax.models"""
