@@ -1,0 +1,99 @@
+"""Per-row logit processing and sampling: temperature -> top-k -> top-p, with Hugging Face's semantics.
+
+Every sampling parameter is a per-row array (`temperature [B]` float, `top_k [B]` int, `top_p [B]` float),
+so rows with different settings share one compiled function. Semantics, row by row, as HF's
+`TemperatureLogitsWarper`, `TopKLogitsWarper` and `TopPLogitsWarper` applied in that order:
+
+- temperature `t > 0`: logits / t. `t == 0`: greedy, the row's distribution is a point mass on the first
+  argmax of the raw logits (HF `do_sample=False`).
+- top-k: `k == 0` is a no-op; otherwise `k = min(max(k, min_tokens_to_keep), V)` and every token whose
+  scaled logit is below the k-th largest is removed (ties with the k-th value are all kept).
+- top-p: `p >= 1` is a no-op; otherwise tokens are sorted ascending, and those whose cumulative
+  probability (softmax over the top-k survivors) is `<= 1 - p` are removed, never the last
+  `min_tokens_to_keep`. Tied logits are ordered by token id (a stable sort), so at a tie straddling the
+  cut the lower id goes first. HF uses `torch.sort`, which is stable only for small rows; for big
+  vocabularies its tie order at the cut is unspecified. `1 - p` is computed in float32 from the float32
+  `p` (HF rounds the float64 `1 - p`): the two differ only for a cumulative probability within a float32
+  ulp of the cut.
+
+Removed tokens get logit `-inf`. Sampling draws from `softmax(processed)` with `jax.random.categorical`
+(Gumbel-max), one key per row; `row_keys(key, row_ids)` derives them with `jax.random.fold_in`, so a
+row's draw does not depend on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
+    """One PRNG key per row: `fold_in(key, row_id)` for each id in `row_ids [B]`."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(row_ids, jnp.int32))
+
+
+def _check(logits, temperature, top_k, top_p):
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [B, V], got shape {logits.shape}")
+    b = logits.shape[0]
+    for name, arr in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if jnp.shape(arr) != (b,):
+            raise ValueError(f"{name} must be a per-row array of shape ({b},), got shape {jnp.shape(arr)}")
+
+
+def process_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                   min_tokens_to_keep: int = 1) -> jax.Array:
+    """Processed float32 logits [B, V]: removed tokens are `-inf`; a greedy row is 0 at its argmax.
+
+    `softmax` of the result is the distribution a row samples from.
+    """
+    _check(logits, temperature, top_k, top_p)
+    logits = logits.astype(jnp.float32)
+    v = logits.shape[-1]
+    temperature = jnp.asarray(temperature, jnp.float32)[:, None]
+    top_k = jnp.asarray(top_k, jnp.int32)[:, None]
+    top_p = jnp.asarray(top_p, jnp.float32)[:, None]
+
+    greedy = temperature == 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)
+
+    # One stable ascending sort serves both filters: top-k removes a prefix of it (values below the k-th
+    # largest) and leaves the order of the survivors unchanged, which is the order top-p re-sorts into.
+    order = jnp.argsort(scaled, axis=-1, stable=True)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    k = jnp.where(top_k > 0, jnp.clip(top_k, min_tokens_to_keep, v), v)
+    kth = jnp.take_along_axis(ranked, v - k, axis=-1)
+    removed = ranked < kth
+
+    cum = jnp.cumsum(jax.nn.softmax(jnp.where(removed, NEG_INF, ranked), axis=-1), axis=-1)
+    keep_tail = jnp.arange(v) >= v - min_tokens_to_keep
+    removed |= (cum <= 1.0 - top_p) & (top_p < 1.0) & ~keep_tail
+
+    rows = jnp.arange(logits.shape[0])[:, None]
+    processed = jnp.zeros_like(scaled).at[rows, order].set(jnp.where(removed, NEG_INF, ranked))
+    point_mass = jnp.where(jnp.arange(v) == jnp.argmax(logits, axis=-1)[:, None], 0.0, NEG_INF)
+    return jnp.where(greedy, point_mass, processed)
+
+
+def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+           *, min_tokens_to_keep: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Draw one token per row. `keys`: one key per row (see `row_keys`).
+
+    Returns `(tokens [B] int32, logprobs [B] float32)`, the log-probability of each chosen token under the
+    row's *processed* distribution (0 for greedy rows). The raw model log-probability is
+    `token_logprobs(logits, tokens)`.
+    """
+    processed = process_logits(logits, temperature, top_k, top_p, min_tokens_to_keep=min_tokens_to_keep)
+    if jnp.shape(keys)[0] != logits.shape[0]:
+        raise ValueError(f"need one key per row: {logits.shape[0]} rows, keys of shape {jnp.shape(keys)}")
+    drawn = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
+    tokens = jnp.where(jnp.asarray(temperature) == 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+    return tokens, token_logprobs(processed, tokens)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log softmax(logits)[b, tokens[b]] in float32, [B]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
