@@ -94,6 +94,9 @@ def test_config_ranges_are_parameters():
         assert 60 <= s.width <= 70 and 60 <= s.height <= 70 and 2 <= len(s.objects) <= 3
     with pytest.raises(ValueError, match="min_side"):
         S.SceneConfig(min_side=100, max_side=50)
+    impossible = S.SceneConfig(min_objects=6, small_radius=(1.5, 1.6), large_radius=(1.5, 1.6), spill=0.0)
+    with pytest.raises(ValueError, match="overlap/visibility limits"):
+        S.scene_at(0, 0, impossible)
 
 
 def test_deterministic():

@@ -68,7 +68,7 @@ class SceneConfig:
     def __post_init__(self):
         if not 8 <= self.min_side <= self.max_side:
             raise ValueError(f"SceneConfig: need 8 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
-        if self.max_aspect < 1 or self.max_side / self.min_side < 1:
+        if self.max_aspect < 1:
             raise ValueError(f"SceneConfig: max_aspect must be >= 1, got {self.max_aspect}")
         if not 1 <= self.min_objects <= self.max_objects <= 9:
             raise ValueError(f"SceneConfig: need 1 <= min_objects <= max_objects <= 9, got "
@@ -226,6 +226,9 @@ def _sample_object(rng, cfg: SceneConfig, w: int, h: int, row: int, col: int, sh
                        cy=round(cy, 3), radius=round(r, 3), angle=round(angle, 3), rgb=rgb)
 
 
+_MAX_REDRAWS = 200
+
+
 def sample_scene(rng: np.random.Generator, config: SceneConfig | None = None) -> Scene:
     """One random scene. Objects are placed one by one; a placement that breaks the overlap or visibility
     limits is retried with a new jitter, then at the cell centre, then the whole scene is redrawn."""
@@ -233,7 +236,7 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig | None = None) ->
     w, h = _sample_size(rng, cfg)
     background = tuple(int(v) for v in rng.integers(15, cfg.background_max - 25, size=3))
     noise_seed = int(rng.integers(0, 2**31 - 1))
-    while True:
+    for _ in range(_MAX_REDRAWS):
         n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
         cells = rng.permutation(9)[:n]
         objects: list[SceneObject] = []
@@ -258,6 +261,7 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig | None = None) ->
         if len(objects) == n:
             return Scene(width=w, height=h, objects=tuple(objects), background=background,
                          noise_seed=noise_seed, noise=cfg.noise)
+    raise ValueError(f"no {w}x{h} scene meets the overlap/visibility limits of {cfg} in {_MAX_REDRAWS} draws")
 
 
 def scene_at(seed: int, index: int, config: SceneConfig | None = None) -> Scene:
