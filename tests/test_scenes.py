@@ -1,6 +1,5 @@
 """Tiny world: scenes match their drawings, determinism, captions, and the word-level tokenizers."""
 
-import collections
 import dataclasses
 import json
 import re
