@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 from typing import Sequence
 
 import jax
@@ -129,3 +130,102 @@ def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mesh from config, batch sharding, multi-host helpers.
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_from_config(cfg, devices: Sequence | None = None) -> Mesh:
+    """Mesh from a mapping/ConfigDict with `data`, `fsdp`, `tensor` (or a 3-tuple). At most one may be -1:
+    it takes all remaining devices. Missing keys default to 1."""
+    if isinstance(cfg, (tuple, list)):
+        if len(cfg) != 3:
+            raise ValueError(f"mesh shape must be (data, fsdp, tensor), got {cfg}")
+        shape = dict(zip(MESH_AXES, cfg))
+    else:
+        get = cfg.get if hasattr(cfg, "get") else (lambda k, d: getattr(cfg, k, d))
+        unknown = sorted(set(getattr(cfg, "keys", lambda: [])()) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"unknown mesh config keys {unknown}; expected {MESH_AXES}")
+        shape = {a: get(a, 1) for a in MESH_AXES}
+    devices = list(jax.devices() if devices is None else devices)
+    shape = {a: int(v) for a, v in shape.items()}
+    fill = [a for a, v in shape.items() if v == -1]
+    if len(fill) > 1:
+        raise ValueError(f"mesh {shape}: at most one axis may be -1")
+    if any(v < 1 for a, v in shape.items() if a not in fill):
+        raise ValueError(f"mesh {shape}: axis sizes must be >= 1 (or -1 for 'the rest')")
+    if fill:
+        rest = int(np.prod([v for a, v in shape.items() if a not in fill]))
+        if len(devices) % rest:
+            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {rest}")
+        shape[fill[0]] = len(devices) // rest
+    return make_mesh(shape["data"], shape["fsdp"], shape["tensor"], devices=devices)
+
+
+def batch_spec(ndim: int = 1) -> P:
+    """Leading (batch) dim over ('data', 'fsdp'), the rest replicated."""
+    return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """NamedSharding of a batch array: leading dim split over ('data', 'fsdp'), others replicated."""
+    return NamedSharding(mesh, batch_spec(ndim))
+
+
+def batch_shard_count(mesh: Mesh) -> int:
+    """How many ways the batch dim is split (data × fsdp): a global batch must be a multiple of it."""
+    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def _multiprocess_env() -> bool:
+    """True when the environment describes a multi-process JAX job."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
+        return True
+    for key in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        try:
+            if int(env.get(key, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")  # TPU pod slices list every worker here
+    return "," in hosts or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+_DISTRIBUTED_DONE = False
+
+
+def initialize_distributed(force: bool = False) -> bool:
+    """Call `jax.distributed.initialize()` (arguments auto-detected from the cluster environment) when the
+    environment says this is one process of several, or when `force`. Call before any other JAX use.
+    Idempotent; returns whether it initialized (now or before)."""
+    global _DISTRIBUTED_DONE
+    if _DISTRIBUTED_DONE:
+        return True
+    if not (force or _multiprocess_env()):
+        return False
+    jax.distributed.initialize()
+    _DISTRIBUTED_DONE = True
+    return True
+
+
+def host_local_batch_to_global(batch, mesh: Mesh):
+    """Per-host numpy batch (pytree, leading dim = this host's share) -> global jax Arrays sharded over
+    ('data', 'fsdp') on dim 0 (`jax.make_array_from_process_local_data`). Single host: local = global."""
+    n = batch_shard_count(mesh)
+
+    def one(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError("batch leaves need a leading batch dim; got a scalar")
+        global_rows = x.shape[0] * jax.process_count()
+        if global_rows % n:
+            raise ValueError(f"global batch {global_rows} (local {x.shape[0]} x {jax.process_count()} "
+                             f"processes) is not divisible by data*fsdp = {n}")
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(one, batch)
