@@ -49,7 +49,7 @@ class ToyConfig:
 class ToyLayers(nnx.Module):
     def __init__(self, c: ToyConfig, *, param_dtype, rngs):
         L, E, H, D, M = c.num_layers, c.hidden_size, c.num_heads, c.head_dim, c.intermediate_size
-        init = nnx.initializers.normal(0.02)
+        init = nnx.initializers.zeros  # values come from checkpoints; zeros keep construction cheap
         self.norm = nnx.Param(jnp.ones((L, E), param_dtype), axes=("layers", "norm"))
         self.q_proj = nnx.Param(init(rngs.params(), (L, E, H, D), param_dtype),
                                 axes=("layers", "embed", "heads", "head_dim"))
@@ -59,7 +59,7 @@ class ToyLayers(nnx.Module):
 
 class Toy(nnx.Module):
     def __init__(self, c: ToyConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
-        init = nnx.initializers.normal(0.02)
+        init = nnx.initializers.zeros
         self.embed = nnx.Param(init(rngs.params(), (c.vocab_size, c.hidden_size), param_dtype),
                                axes=("vocab", "embed"))
         self.layers = ToyLayers(c, param_dtype=param_dtype, rngs=rngs)
@@ -499,3 +499,211 @@ def test_cli_subprocess(tmp_path, rng):
     r = subprocess.run([sys.executable, "-m", "vimar_jax.cli", "convert", str(tmp_path / "missing"),
                         str(tmp_path / "o2")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1 and "not a directory" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# real families: HF torch checkpoints written by `save_pretrained`
+
+def tiny_llava(seed=0):
+    import torch
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
+
+    vc = CLIPVisionConfig(hidden_size=16, intermediate_size=20, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=16, patch_size=8)
+    tc = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+                          image_token_index=60, image_seq_length=4, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    m = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for name, p in m.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def save_hf(model, path, dtype="float32", shard="200KB"):
+    import copy
+
+    import torch
+
+    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(path, max_shard_size=shard)
+    (Path(path) / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    return Path(path)
+
+
+def direct_params(abstract, rules, tensors):
+    """The in-memory path: `spec.assemble` over all tensors at once -> {dotted path: array}."""
+    get = lambda k: tensors[k].detach().float().numpy() if hasattr(tensors[k], "detach") else tensors[k]  # noqa
+    return {".".join(p): v for p, v in S.assemble(rules, S.param_shapes(abstract), get).items()}
+
+
+def llava_direct(like, hf_model):
+    """Direct load of a torch LLaVA-NeXT (its state dict is in the nested key layout)."""
+    from vimar_jax.models import llava_next
+
+    sd = hf_model.state_dict()
+    rules = llava_next.llava_next_rules(like.config, llava_next.detect_layout(sd))
+    return direct_params(nnx.eval_shape(lambda: llava_next.LlavaNext(like.config, rngs=nnx.Rngs(0))), rules, sd)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("vimar_jax.models.llava_next")
+    tmp = tmp_path_factory.mktemp("llava")
+    m = tiny_llava()
+    return m, save_hf(m, tmp / "f32", shard="20KB"), save_hf(m, tmp / "bf16", "bfloat16", shard="20KB")
+
+
+def test_llava_next_round_trip_byte_equal(llava, tmp_path):
+    _, *dirs = llava
+    for hf in dirs:
+        assert len(list(hf.glob("model-*.safetensors"))) > 1  # sharded by save_pretrained
+        ours, back = tmp_path / f"{hf.name}_ours", tmp_path / f"{hf.name}_back"
+        assert convert(hf, ours) == 0
+        assert json.loads((ours / "vimar.json").read_text())["kind"] == "llava_next"
+        assert (ours / "chat_template.jinja").exists() and (ours / "generation_config.json").exists()
+        assert convert("--to-hf", ours, back) == 0
+        assert_same_dir_files(hf, back)
+
+
+def test_llava_next_load_module(llava, tmp_path):
+    m, hf32, hf16 = llava
+    from vimar_jax.models.llava_next import LlavaNext
+
+    assert convert(hf32, tmp_path / "ours") == 0
+    direct = None
+    for path in (hf32, tmp_path / "ours"):
+        module, config = io.load_module(path)
+        assert isinstance(module, LlavaNext) and config["model_type"] == "llava_next"
+        if direct is None:
+            direct = llava_direct(module, m)
+        got = flat_params(module)
+        assert set(got) == set(direct)
+        for k in direct:
+            np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(direct[k]), err_msg=k)
+    # the loaded model computes what HF computes (text-only path through the decoder)
+    import torch
+
+    ids = np.array([[1, 5, 9, 33, 2, 17, 40]])
+    with torch.no_grad():
+        h = m.model.language_model(input_ids=torch.tensor(ids)).last_hidden_state
+        ref = m.lm_head(h).numpy()
+    hidden, _ = module.decoder(module.decoder.embed(jnp.asarray(ids)), positions=jnp.arange(7)[None])
+    from tests.helpers import max_rel_err
+    assert max_rel_err(module.decoder.logits(hidden), ref) <= 1e-5
+    # bf16 checkpoint, bf16 compute: parameters are the bf16 weights exactly
+    module, _ = io.load_module(hf16, dtype=jnp.bfloat16)
+    got = flat_params(module)
+    for k, v in direct.items():
+        assert got[k].dtype == jnp.bfloat16, k
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(v).astype(ml_dtypes.bfloat16), err_msg=k)
+
+
+def test_llava_next_onto_mesh(llava):
+    m, hf32, _ = llava
+    mesh = make_mesh(fsdp=2, tensor=2)
+    module, _ = io.load_module(hf32, mesh=mesh)
+    got = flat_params(module)
+    direct = llava_direct(module, m)
+    expect = {"decoder.layers.q_proj": P(None, "fsdp", "tensor", None),
+              "decoder.layers.down_proj": P(None, "tensor", "fsdp"),
+              "decoder.embed_tokens": P("tensor", "fsdp"),
+              "decoder.lm_head": P("fsdp", "tensor")}
+    for k, spec in expect.items():
+        assert got[k].sharding.spec == spec, (k, got[k].sharding.spec)
+    for k in direct:
+        assert got[k].sharding.mesh.shape == mesh.shape, k
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(direct[k]), err_msg=k)
+
+
+def test_value_checkpoint(llava, tmp_path):
+    pytest.importorskip("vimar_jax.models.value")
+    from vimar_jax.models.value import ValueModel
+
+    m, hf32, _ = llava
+    vdir = tmp_path / "value"
+    vdir.mkdir()
+    tensors = {}
+    for f in hf32.glob("model-*.safetensors"):
+        tensors |= load_file(str(f))
+    E = m.config.text_config.hidden_size
+    w = np.random.default_rng(0).standard_normal((1, E)).astype(np.float32)
+    tensors |= {"value_head.weight": w, "value_head.bias": np.array([0.25], np.float32)}
+    save_file({k: v.astype(ml_dtypes.bfloat16) if k.startswith("language_model") else v
+               for k, v in tensors.items()}, str(vdir / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((hf32 / "config.json").read_text()) | {"vimar_value": {"value_layer": -2, "state": "sentence"}}
+    (vdir / "config.json").write_text(json.dumps(config))
+    assert convert(vdir, tmp_path / "ours") == 0 and convert("--to-hf", tmp_path / "ours", tmp_path / "back") == 0
+    assert_same_dir_files(vdir, tmp_path / "back")
+    for path in (vdir, tmp_path / "ours"):
+        module, _ = io.load_module(path, dtype=jnp.bfloat16)
+        assert isinstance(module, ValueModel)
+        head = flat_params(module)
+        assert head["value_head.kernel"].dtype == jnp.float32  # the head stays float32
+        np.testing.assert_array_equal(np.asarray(head["value_head.kernel"]), w.T)
+        np.testing.assert_array_equal(np.asarray(head["value_head.bias"]), [0.25])
+
+
+def test_clip_with_position_id_buffers(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vimar_jax.models.clip")
+    from transformers import CLIPConfig, CLIPModel
+
+    from vimar_jax.models import clip
+
+    cfg = CLIPConfig(text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=20, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=12),
+                     vision_config=dict(hidden_size=16, intermediate_size=20, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=16, patch_size=8),
+                     projection_dim=8)
+    torch.manual_seed(0)
+    m = CLIPModel(cfg).eval()
+    hf = save_hf(m, tmp_path / "hf", "float16", shard="10GB")
+    # older checkpoints carry int64 position_ids buffers, which map onto no parameter
+    t = load_file(str(hf / "model.safetensors"))
+    t |= {"text_model.embeddings.position_ids": np.arange(12, dtype=np.int64)[None],
+          "vision_model.embeddings.position_ids": np.arange(5, dtype=np.int64)[None]}
+    save_file(t, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    assert convert(hf, tmp_path / "ours", "--dtype", "float32") == 0
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    assert ours["hf_buffer/text_model.embeddings.position_ids"].dtype == np.int64  # never cast
+    assert convert("--to-hf", tmp_path / "ours", tmp_path / "back") == 0
+    assert_same_dir_files(hf, tmp_path / "back")
+    module, _ = io.load_module(tmp_path / "ours")
+    assert isinstance(module, clip.CLIPModel)
+    cfg = clip.CLIPConfig.from_hf(m.config.to_dict())
+    want = direct_params(nnx.eval_shape(lambda: clip.CLIPModel(cfg, rngs=nnx.Rngs(0))), clip.clip_rules(cfg),
+                         {k: v.half() for k, v in m.state_dict().items()})
+    got = flat_params(module)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+
+
+def test_qwen2_tied_decoder(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("vimar_jax.models.decoder")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                     tie_word_embeddings=True)).eval()
+    hf = save_hf(m, tmp_path / "hf", "bfloat16", shard="4KB")
+    assert "lm_head.weight" not in json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    assert convert(hf, tmp_path / "ours", "--max-shard-gb", 2e-6) == 0
+    assert convert("--to-hf", tmp_path / "ours", tmp_path / "back") == 0
+    assert_same_dir_files(hf, tmp_path / "back")
+    module, _ = io.load_module(tmp_path / "ours")
+    got = flat_params(module)
+    assert "lm_head" not in got
+    sd = m.state_dict()
+    np.testing.assert_array_equal(
+        np.asarray(got["layers.q_bias"][1]),
+        sd["model.layers.1.self_attn.q_proj.bias"].to(torch.bfloat16).float().numpy().reshape(4, 4))
+    np.testing.assert_array_equal(
+        np.asarray(got["layers.k_proj"][0]),
+        sd["model.layers.0.self_attn.k_proj.weight"].to(torch.bfloat16).float().numpy().T.reshape(16, 2, 4))

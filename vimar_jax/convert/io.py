@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import mmap
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 & friends with numpy before any tensor is read)
 import numpy as np
 
@@ -44,6 +46,8 @@ VIMAR_JSON = "vimar.json"
 CONFIG_JSON = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# Our files hold HF tensors that map onto no parameter under this key prefix (never a parameter path).
+BUFFER_PREFIX = "hf_buffer/"
 # Files never copied along with a checkpoint: weights (any framework) and our own metadata.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
 _MAX_HEADER = 100 * 2**20
@@ -388,7 +392,13 @@ class Checkpoint:
                 self.hf = {k: {"dtype": i.dtype, "shape": list(i.shape), "file": self.files.weight_map[k]}
                            for k in self.files.weight_map for i in [self.files.info(k)]}
             from vimar_jax.convert import registry
-            self.spec = registry.spec_for(self.config, set(self.hf))
+            try:
+                self.spec = registry.spec_for(self.config, set(self.hf))
+            except ConversionError:
+                raise
+            except (ValueError, KeyError, TypeError) as e:  # the family rejects the config itself
+                raise ConversionError(f"{self.root / CONFIG_JSON}: unsupported or invalid config "
+                                      f"({type(e).__name__}: {e})") from e
             if self.is_vimar and self.vimar.get("kind") != self.spec.kind:
                 raise ConversionError(f"{self.root / VIMAR_JSON} says kind {self.vimar.get('kind')!r} but "
                                       f"config.json gives {self.spec.kind!r}")
@@ -405,20 +415,24 @@ class Checkpoint:
     def __exit__(self, *exc):
         self.close()
 
-    def abstract_module(self, dtype=None, param_dtype=None):
-        import jax.numpy as jnp
+    def abstract_module(self, dtype=jnp.float32, param_dtype=None):
         from flax import nnx
 
-        dtype = jnp.float32 if dtype is None else dtype
         param_dtype = dtype if param_dtype is None else param_dtype
         return nnx.eval_shape(lambda: self.spec.make_module(dtype=dtype, param_dtype=param_dtype,
                                                             rngs=nnx.Rngs(0)))
+
+    @property
+    def buffer_keys(self) -> list[str]:
+        """HF tensors that map onto no parameter (e.g. CLIP's int64 `position_ids`), per the family's
+        `layout["buffer_keys"]`: ignored when loading, carried verbatim through a conversion."""
+        return [k for k in self.spec.layout.get("buffer_keys", ()) if k in self.hf]
 
     def check(self, shapes: dict) -> dict:
         """Check the spec's rules against the parameters and the checkpoint; returns path -> [rules]."""
         rules = list(self.spec.rules)
         spec_lib.check_rules(rules, shapes)
-        _check_keys(self.root, set(self.hf), {r.hf_key for r in rules},
+        _check_keys(self.root, set(self.hf), {r.hf_key for r in rules} | set(self.buffer_keys),
                     "vimar.json records" if self.is_vimar else "checkpoint has")
         for r in rules:
             got = tuple(self.hf[r.hf_key]["shape"])
@@ -428,7 +442,8 @@ class Checkpoint:
                     f"config.json implies {list(r.hf_shape)} (config and weights do not match)")
         if self.is_vimar:
             ours = set(self.files.weight_map)
-            _check_keys(self.root, ours, {dotted(p) for p in shapes}, "converted checkpoint has")
+            _check_keys(self.root, ours, {dotted(p) for p in shapes} | {BUFFER_PREFIX + k for k in self.buffer_keys},
+                        "converted checkpoint has")
             for path, (shape, _) in shapes.items():
                 got = self.files.info(dotted(path)).shape
                 if got != tuple(shape):
@@ -438,6 +453,11 @@ class Checkpoint:
         for r in rules:
             by_path.setdefault(r.path, []).append(r)
         return by_path
+
+    def buffer(self, key: str) -> np.ndarray:
+        """An HF buffer tensor (see `buffer_keys`), exactly as stored."""
+        stored = BUFFER_PREFIX + key if self.is_vimar else key
+        return self.files.file(self.files.weight_map[stored]).read(stored)
 
     def param(self, path, shape, dtype, rules) -> np.ndarray:
         """One of our parameters as a fresh host array of `dtype` (from our file or from its HF tensors)."""
@@ -481,7 +501,7 @@ def _check_keys(root: Path, have: set[str], want: set[str], what: str, limit: in
 # loading into a module
 
 
-def load_module(path, *, dtype=None, param_dtype=None, mesh=None, rules=DEFAULT_RULES):
+def load_module(path, *, dtype=jnp.float32, param_dtype=None, mesh=None, rules=DEFAULT_RULES):
     """Build the model of a checkpoint directory (HF or `vimar convert` output) -> (module, config).
 
     `dtype` is the compute dtype (default float32); parameters are cast to `param_dtype` (default: `dtype`)
@@ -489,13 +509,11 @@ def load_module(path, *, dtype=None, param_dtype=None, mesh=None, rules=DEFAULT_
     NamedSharding its `axes` metadata maps to under `rules`, straight from its host array.
     """
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
     from vimar_jax.sharding import sharding_for
 
-    dtype = jnp.float32 if dtype is None else dtype
     param_dtype = dtype if param_dtype is None else param_dtype
     with Checkpoint(path) as ckpt:
         abstract = ckpt.abstract_module(dtype, param_dtype)
@@ -637,6 +655,10 @@ def convert_to_vimar(hf_dir, out_dir, *, dtype: str = "keep", overwrite: bool = 
             bar.update(n_sources[t.key])
 
         tensors = [OutTensor(dotted(p), o, tuple(s), produce(p, s, o)) for p, s, o in plan]
+        for k in ckpt.buffer_keys:
+            n_sources[BUFFER_PREFIX + k] = 1
+            tensors.append(OutTensor(BUFFER_PREFIX + k, ckpt.hf[k]["dtype"], tuple(ckpt.hf[k]["shape"]),
+                                     functools.partial(ckpt.buffer, k)))
         groups = plan_shards([t.nbytes for t in tensors], max_shard_bytes)
         names = shard_names(len(groups))
         with atomic_dir(out_dir, overwrite=overwrite, sources=[hf_dir]) as tmp:
@@ -682,6 +704,8 @@ def convert_to_hf(vimar_dir, out_dir, *, overwrite: bool = False, progress: bool
         summary = Summary()
 
         def produce(key):
+            if key not in rule_of:
+                return functools.partial(ckpt.buffer, key)
             r, want = rule_of[key], DTYPES[ckpt.hf[key]["dtype"]]
 
             def f():

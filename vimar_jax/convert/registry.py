@@ -25,7 +25,6 @@ MODEL_TYPES: dict[str, str] = {
     "mistral": "decoder",
     "qwen2": "decoder",
     "clip": "clip",
-    "clip_vision_model": "clip",
     "llava_next": "llava_next",
 }
 _EXTRA: dict[str, SpecFn] = {}
