@@ -1,0 +1,358 @@
+"""The jit-compiled batched sampler: one prompt prefill, then one `lax.while_loop` of single-token steps.
+
+Model-agnostic: the model is reached only through a **step function**
+
+    step_fn(params, tokens [B, T] int32, positions [B, T] int32, cache, cache_index, prefix)
+        -> (logits [B, T, V] float32, cache)
+
+that runs T new tokens per row against `cache` (written at slots `[cache_index, cache_index + T)`; a
+position of -1 marks a padding token whose slot stays empty) and, when `prefix` is given, a batch-1 cache
+every row attends to without copying it (`docs/CONTRACTS.md`, "Decoder"). `params` is a pytree passed
+through `jit` as an argument (never baked in as constants). Writing an adapter for a model = writing that
+function; for an NNX module split it once, `graphdef, params = nnx.split(model)`, and merge inside:
+`decoder_step_fn(graphdef)` below does this for `models.decoder.Decoder`. A model whose prompt is not plain
+tokens (LLaVA-NeXT: image features) prefills with its own code and hands the sampler a `Start`.
+
+**Shared prompt (the main efficiency point).** Prefill the prompt once with batch 1 into a cache, then
+decode B rows with `prefix=` that cache and an own cache of `buffer_size` slots per row, after
+`start.broadcast(B)`: every step reads the prompt's keys once for all rows instead of B copies.
+A per-row prompt cache (right-padded prompts of different lengths in one bucket, no left padding) is
+the other mode: prefill `[B, P]` into a cache of `P + buffer_size` slots and decode from it.
+
+Each loop step samples one token per running row (`sampling.sample`, per-row keys
+`fold_in(fold_in(rng, row_id), step)`, so a row's draws do not depend on its batch neighbours), records it,
+applies the stopping rules, then runs the model on it. So every generated token is in the cache and the
+final state's `logits` are those of the next token: a finished state can be resumed. Rows stop:
+- at EOS (`eos_ids`; the EOS token is recorded, counted in `lengths`, and written to the cache),
+- at their n-th sentence end when `stop_after_sentences[b] = n > 0` (the boundary function decides),
+- at their token budget `max_new_tokens[b]` (traced: changing it does not recompile; clamped to the
+  static `buffer_size`),
+- when the own cache has no slot for another token (`Finish.CACHE_FULL`, also `state.cache_full`):
+  never a silent overwrite.
+
+Sentence boundaries are recorded for every row in every mode: `boundaries[b, i]` is the exclusive end
+(a count of generated tokens) of sentence i, `num_sentences[b]` how many there are (it may exceed the
+array's width `max_sentences`; later ends are then not stored). A sentence ends where
+`boundary_fn(prev_token [B], token [B]) -> bool [B]` says so (prev of the first generated token is the
+last prompt token); EOS also closes a non-empty trailing sentence (its end excludes the EOS token).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vimar_jax.decode.sampling import sample, token_logprobs
+
+StepFn = Callable[..., tuple[jax.Array, Any]]
+# (params, tokens [B,T], positions [B,T], cache, cache_index, prefix, last_index [B]) -> (logits [B,V], cache)
+PrefillFn = Callable[..., tuple[jax.Array, Any]]
+BoundaryFn = Callable[[jax.Array, jax.Array], jax.Array]
+MAX_EOS = 8   # eos_ids are padded to this width (with -1) so sets of different sizes share a compile
+
+
+class Finish(enum.IntEnum):
+    """Why a row stopped (`DecodeState.reason`)."""
+    RUNNING = 0      # inside the loop only: every row of a returned state has a reason
+    EOS = 1
+    SENTENCE = 2
+    BUDGET = 3
+    CACHE_FULL = 4
+
+
+@flax.struct.dataclass
+class Start:
+    """Where decoding begins, per row: next-token logits, next position, previous token, next cache slot."""
+    logits: jax.Array        # [B, V] float32
+    positions: jax.Array     # [B] int32, position of the first generated token
+    last_token: jax.Array    # [B] int32, the token before it (for the boundary function)
+    cache_index: jax.Array   # scalar int32, the first free slot of the (own) cache
+
+    def broadcast(self, batch: int) -> "Start":
+        """The start of a batch-1 prompt for `batch` rows sharing it as a prefix (own cache from slot 0)."""
+        if self.logits.shape[0] != 1:
+            raise ValueError(f"broadcast needs a batch-1 start, got batch {self.logits.shape[0]}")
+        rep = lambda x: jnp.broadcast_to(x, (batch,) + x.shape[1:])  # noqa: E731
+        return Start(rep(self.logits), rep(self.positions), rep(self.last_token), jnp.zeros((), jnp.int32))
+
+
+@flax.struct.dataclass
+class Settings:
+    """Per-row sampling and stopping parameters (all traced: new values never recompile)."""
+    temperature: jax.Array            # [B] float32, 0 = greedy
+    top_k: jax.Array                  # [B] int32, 0 = off
+    top_p: jax.Array                  # [B] float32, 1 = off
+    max_new_tokens: jax.Array         # [B] int32
+    stop_after_sentences: jax.Array   # [B] int32, 0 = do not stop at sentence ends
+    eos_ids: jax.Array                # [MAX_EOS] int32, -1 = unused
+
+    @staticmethod
+    def make(batch: int, *, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens, stop_after_sentences=0,
+             eos_ids=()) -> "Settings":
+        """Broadcast scalars or per-row sequences to [batch] arrays; `eos_ids` is a set of token ids."""
+        def row(name, x, dtype):
+            arr = np.asarray(x, dtype)
+            if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != batch):
+                raise ValueError(f"{name} must be a scalar or have {batch} entries, got shape {arr.shape}")
+            return jnp.asarray(np.broadcast_to(arr, (batch,)))
+        eos = np.asarray(sorted({int(e) for e in np.asarray(eos_ids, np.int64).reshape(-1)}), np.int32)
+        if eos.size > MAX_EOS:
+            raise ValueError(f"at most {MAX_EOS} eos_ids, got {eos.size}")
+        if (eos < 0).any():
+            raise ValueError(f"eos_ids must be token ids >= 0, got {eos.tolist()}")
+        temperature = row("temperature", temperature, np.float32)
+        if (np.asarray(temperature) < 0).any():
+            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        return Settings(temperature, row("top_k", top_k, np.int32), row("top_p", top_p, np.float32),
+                        row("max_new_tokens", max_new_tokens, np.int32),
+                        row("stop_after_sentences", stop_after_sentences, np.int32),
+                        jnp.asarray(np.pad(eos, (0, MAX_EOS - eos.size), constant_values=-1)))
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The loop state, and the result. Generated tokens only (no prompt); `tokens[b, lengths[b]:]` = pad."""
+    step: jax.Array            # scalar int32
+    done: jax.Array            # [B] bool
+    reason: jax.Array          # [B] int32 (`Finish`)
+    tokens: jax.Array          # [B, N] int32
+    lengths: jax.Array         # [B] int32
+    logprobs: jax.Array        # [B, N] float32: chosen token under the processed distribution (0 if greedy)
+    raw_logprobs: jax.Array    # [B, N] float32: chosen token under the model's softmax
+    boundaries: jax.Array      # [B, M] int32: exclusive sentence ends
+    num_sentences: jax.Array   # [B] int32
+    rng: jax.Array             # the base key
+    start: Start               # where a resumed decode would continue (next logits, positions, slot)
+    cache: Any
+
+    @property
+    def cache_full(self) -> jax.Array:
+        return self.reason == Finish.CACHE_FULL
+
+
+class Sampler:
+    """Jitted prefill and decode around one model step function (see the module docstring).
+
+    `boundary_fn(prev [B], tok [B]) -> bool [B]` must be jit-friendly (e.g. a table lookup,
+    `vimar_jax.text` sentence-end tables); None means no sentence ends.
+    """
+
+    def __init__(self, step_fn: StepFn, *, prefill_fn: PrefillFn | None = None,
+                 boundary_fn: BoundaryFn | None = None, max_sentences: int = 32, min_tokens_to_keep: int = 1,
+                 pad_id: int = 0):
+        self.step_fn = step_fn
+        self.prefill_fn = prefill_fn or _prefill_from_step(step_fn)
+        self.boundary_fn = boundary_fn
+        self.max_sentences = max_sentences
+        self.min_tokens_to_keep = min_tokens_to_keep
+        self.pad_id = pad_id
+        self._prefill = jax.jit(self._prefill_impl, donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("buffer_size",), donate_argnames=("cache",))
+
+    # -------------------------------------------------------------------------------------- prefill
+    def prefill(self, params, tokens, lengths, cache, *, cache_index=0, start_positions=0, prefix=None
+                ) -> tuple[Start, Any]:
+        """Run right-padded prompts `tokens [B, P]` (row b's real tokens are `[:lengths[b]]`, >= 1) into
+        `cache` at slots `[cache_index, cache_index + P)`, positions `start_positions + i` (pass the prefix
+        length when continuing after a `prefix`). Returns the decode `Start` and the cache (donated)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"prompt tokens must be [B, P], got shape {tokens.shape}")
+        lengths = jnp.asarray(lengths, jnp.int32)
+        if lengths.shape != tokens.shape[:1]:
+            raise ValueError(f"lengths must have shape ({tokens.shape[0]},), got {lengths.shape}")
+        concrete = _concrete(lengths)
+        if concrete is not None:
+            bad = np.flatnonzero((concrete < 1) | (concrete > tokens.shape[1]))
+            if bad.size:
+                raise ValueError(f"prompt lengths must be in [1, {tokens.shape[1]}]; rows {bad.tolist()} are not")
+        starts = jnp.broadcast_to(jnp.asarray(start_positions, jnp.int32), lengths.shape)
+        return self._prefill(params, tokens, lengths, cache, jnp.asarray(cache_index, jnp.int32), starts, prefix)
+
+    def _prefill_impl(self, params, tokens, lengths, cache, cache_index, starts, prefix):
+        iota = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+        positions = jnp.where(iota < lengths[:, None], starts[:, None] + iota, -1)
+        logits, cache = self.prefill_fn(params, tokens, positions, cache, cache_index, prefix, lengths - 1)
+        last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
+        start = Start(logits.astype(jnp.float32), starts + lengths, last, cache_index + tokens.shape[1])
+        return start, cache
+
+    # --------------------------------------------------------------------------------------- decode
+    def decode(self, params, start: Start, cache, settings: Settings, rng: jax.Array, *, buffer_size: int,
+               prefix=None, row_ids=None) -> DecodeState:
+        """Generate up to `buffer_size` tokens per row (static: the result's width). `cache` is the rows'
+        own cache (donated: do not reuse the argument), `prefix` an optional shared batch-1 cache,
+        `row_ids [B]` the ids folded into `rng` per row (default 0..B-1)."""
+        batch = start.logits.shape[0]
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        for name, x in (("positions", start.positions), ("last_token", start.last_token),
+                        ("temperature", settings.temperature), ("max_new_tokens", settings.max_new_tokens)):
+            if jnp.shape(x) != (batch,):
+                raise ValueError(f"{name} must have shape ({batch},) to match the logits' batch, "
+                                 f"got {jnp.shape(x)}")
+        concrete = _concrete(settings.max_new_tokens)
+        if concrete is not None:
+            over = concrete.max(initial=0)
+            if over > buffer_size:
+                raise ValueError(f"max_new_tokens {over} exceeds buffer_size {buffer_size}")
+        row_ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
+        return self._decode(params, start, cache, settings, rng, row_ids, prefix, buffer_size=buffer_size)
+
+    def _decode_impl(self, params, start, cache, settings, rng, row_ids, prefix, *, buffer_size):
+        batch = start.logits.shape[0]
+        budget = jnp.minimum(settings.max_new_tokens, buffer_size)
+        no_room = start.cache_index >= _cache_len(cache)
+        reason = jnp.where(budget <= 0, Finish.BUDGET, jnp.where(no_room, Finish.CACHE_FULL, Finish.RUNNING))
+        state = DecodeState(
+            step=jnp.zeros((), jnp.int32), done=reason > 0, reason=reason.astype(jnp.int32),
+            tokens=jnp.full((batch, buffer_size), self.pad_id, jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            logprobs=jnp.zeros((batch, buffer_size), jnp.float32),
+            raw_logprobs=jnp.zeros((batch, buffer_size), jnp.float32),
+            boundaries=jnp.zeros((batch, self.max_sentences), jnp.int32),
+            num_sentences=jnp.zeros((batch,), jnp.int32),
+            rng=rng, start=start.replace(logits=start.logits.astype(jnp.float32)), cache=cache)
+
+        def cond(s):
+            return (s.step < buffer_size) & ~jnp.all(s.done)
+
+        def body(s):
+            return self._step(params, s, settings, row_ids, prefix, budget)
+
+        return jax.lax.while_loop(cond, body, state)
+
+    def _step(self, params, s: DecodeState, settings: Settings, row_ids, prefix, budget) -> DecodeState:
+        t, active = s.step, ~s.done
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(s.rng, r), t))(row_ids)
+        tok, logp = sample(s.start.logits, keys, settings.temperature, settings.top_k, settings.top_p,
+                           min_tokens_to_keep=self.min_tokens_to_keep)
+        raw = token_logprobs(s.start.logits, tok)
+        tok = jnp.where(active, tok, self.pad_id)
+        column = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, t))  # noqa: E731
+        lengths = s.lengths + active
+
+        # Stopping rules and sentence ends.
+        eos = active & jnp.any(tok[:, None] == settings.eos_ids[None, :], axis=-1)
+        ends = jnp.zeros_like(active)
+        if self.boundary_fn is not None:
+            ends = active & ~eos & jnp.asarray(self.boundary_fn(s.start.last_token, tok), bool)
+        last_end = jnp.take_along_axis(s.boundaries, jnp.maximum(s.num_sentences - 1, 0)[:, None], axis=1)[:, 0]
+        last_end = jnp.where(s.num_sentences > 0, last_end, 0)
+        closes_at_eos = eos & (t > last_end)      # EOS after a non-empty unfinished sentence
+        closes = ends | closes_at_eos
+        end_value = jnp.where(ends, t + 1, t)
+        rows = jnp.arange(tok.shape[0])
+        slot = jnp.where(closes & (s.num_sentences < self.max_sentences), s.num_sentences, self.max_sentences)
+        boundaries = s.boundaries.at[rows, slot].set(end_value, mode="drop")
+        num_sentences = s.num_sentences + closes
+        sentence_stop = ends & (settings.stop_after_sentences > 0) & (num_sentences >= settings.stop_after_sentences)
+        reason = jnp.where(eos, Finish.EOS, jnp.where(sentence_stop, Finish.SENTENCE,
+                                                       jnp.where(active & (lengths >= budget), Finish.BUDGET,
+                                                                 s.reason)))
+
+        # Run the model on this step's tokens (rows done before this step: position -1, slot left empty).
+        positions = jnp.where(active, s.start.positions, -1)
+        logits, cache = self.step_fn(params, tok[:, None], positions[:, None], s.cache, s.start.cache_index, prefix)
+        next_index = s.start.cache_index + 1
+        reason = jnp.where((reason == Finish.RUNNING) & (next_index >= _cache_len(cache)), Finish.CACHE_FULL, reason)
+        start = Start(logits[:, -1].astype(jnp.float32), s.start.positions + active,
+                      jnp.where(active, tok, s.start.last_token), next_index)
+        return DecodeState(step=t + 1, done=reason > 0, reason=reason.astype(jnp.int32),
+                           tokens=column(s.tokens, tok), lengths=lengths,
+                           logprobs=column(s.logprobs, jnp.where(active, logp, 0.0)),
+                           raw_logprobs=column(s.raw_logprobs, jnp.where(active, raw, 0.0)),
+                           boundaries=boundaries, num_sentences=num_sentences, rng=s.rng, start=start, cache=cache)
+
+
+def _concrete(x) -> np.ndarray | None:
+    """x as numpy when it has a value (outside a trace), else None."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def _cache_len(cache) -> int:
+    """Slots of a cache: the `max_len` attribute, else axis -1 of a `pos` [B, S] leaf (KVCache layout)."""
+    if hasattr(cache, "max_len"):
+        return cache.max_len
+    if hasattr(cache, "pos"):
+        return cache.pos.shape[-1]
+    raise TypeError(f"cannot tell the number of slots of a {type(cache).__name__}: give it a max_len")
+
+
+def _prefill_from_step(step_fn: StepFn) -> PrefillFn:
+    """A prefill function from a step function: all logits, then each row's `last_index` one."""
+    def prefill(params, tokens, positions, cache, cache_index, prefix, last_index):
+        logits, cache = step_fn(params, tokens, positions, cache, cache_index, prefix)
+        return jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0], cache
+    return prefill
+
+
+# ------------------------------------------------------------------------------------- Decoder adapter
+
+def decoder_step_fn(graphdef) -> StepFn:
+    """Step function for `models.decoder.Decoder`: `params` is the `nnx.State` of `nnx.split(decoder)`."""
+    from flax import nnx
+
+    def step(params, tokens, positions, cache, cache_index, prefix):
+        model = nnx.merge(graphdef, params)
+        hidden, cache = model(model.embed(tokens), positions=positions, cache=cache, cache_index=cache_index,
+                              prefix=prefix)
+        return model.logits(hidden), cache
+    return step
+
+
+def decoder_prefill_fn(graphdef) -> PrefillFn:
+    """Prefill for `Decoder` that applies the LM head only at each row's last prompt token."""
+    from flax import nnx
+
+    def prefill(params, tokens, positions, cache, cache_index, prefix, last_index):
+        model = nnx.merge(graphdef, params)
+        hidden, cache = model(model.embed(tokens), positions=positions, cache=cache, cache_index=cache_index,
+                              prefix=prefix)
+        last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)
+        return model.logits(last)[:, 0], cache
+    return prefill
+
+
+def decoder_sampler(decoder, **kwargs) -> tuple[Sampler, Any]:
+    """`(Sampler, params)` for a `Decoder` module; kwargs go to `Sampler` (boundary_fn, pad_id, ...)."""
+    from flax import nnx
+
+    graphdef, params = nnx.split(decoder)
+    return Sampler(decoder_step_fn(graphdef), prefill_fn=decoder_prefill_fn(graphdef), **kwargs), params
+
+
+# ------------------------------------------------------------------------------------- compile counting
+
+@contextlib.contextmanager
+def count_compiles() -> Iterator[collections.Counter]:
+    """Count XLA compilations inside the block by function name, `jit(f)` reported as `f` (a `Sampler`
+    compiles `_prefill_impl` and `_decode_impl`). Calls served from the jit cache are not counted."""
+    from jax._src import dispatch
+
+    counts: collections.Counter = collections.Counter()
+
+    def listener(event, duration, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            name = str(kwargs.get("fun_name", "?"))
+            counts[name[4:-1] if name.startswith("jit(") and name.endswith(")") else name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+__all__ = ["Finish", "Start", "Settings", "DecodeState", "Sampler", "decoder_step_fn", "decoder_prefill_fn",
+           "decoder_sampler", "count_compiles", "MAX_EOS"]
