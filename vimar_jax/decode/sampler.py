@@ -21,10 +21,13 @@ the other mode: prefill `[B, P]` into a cache of `P + buffer_size` slots and dec
 
 Each loop step samples one token per running row (`sampling.sample`, per-row keys
 `fold_in(fold_in(rng, row_id), step)`, so a row's draws do not depend on its batch neighbours), records it,
-applies the stopping rules, then runs the model on it. So every generated token is in the cache and the
-final state's `logits` are those of the next token: a finished state can be resumed. Rows stop:
+applies the stopping rules, then runs the model on it. So every kept token is in the cache and the final
+state's `start` holds each row's next-token logits, position and slot: a finished state can be resumed
+(`decode(params, state.start, state.cache, ...)`). Rows stop:
 - at EOS (`eos_ids`; the EOS token is recorded, counted in `lengths`, and written to the cache),
-- at their n-th sentence end when `stop_after_sentences[b] = n > 0` (the boundary function decides),
+- at their n-th sentence end when `stop_after_sentences[b] = n > 0`; with a look-ahead rule the token that
+  revealed the end (the first token of the next sentence) is dropped: not recorded, not counted, not
+  written to the cache, so the row ends exactly at its sentence end and resumes there,
 - at their token budget `max_new_tokens[b]` (traced: changing it does not recompile; clamped to the
   static `buffer_size`),
 - when the own cache has no slot for another token (`Finish.CACHE_FULL`, also `state.cache_full`):
@@ -32,15 +35,21 @@ final state's `logits` are those of the next token: a finished state can be resu
 
 Sentence boundaries are recorded for every row in every mode: `boundaries[b, i]` is the exclusive end
 (a count of generated tokens) of sentence i, `num_sentences[b]` how many there are (it may exceed the
-array's width `max_sentences`; later ends are then not stored). A sentence ends where
-`boundary_fn(prev_token [B], token [B]) -> bool [B]` says so (prev of the first generated token is the
-last prompt token); EOS also closes a non-empty trailing sentence (its end excludes the EOS token).
+array's width `max_sentences`; later ends are then not stored). Ends come from a `SentenceRule`, either
+- `SentenceRule.inclusive(fn)` for a plain `fn(prev_token [B], token [B]) -> bool [B]`: `token` ends a
+  sentence, inclusive (prev of the first generated token is the last prompt token), or
+- `SentenceRule.from_table(table)` for `vimar_jax.text.SentenceEndTable`: a carried segmentation state,
+  an end known one token late (the sentence is the tokens before the token that revealed it), so
+  decimals, abbreviations and initials do not end sentences.
+EOS closes a non-empty trailing sentence (its end excludes the EOS token); empty sentences are never
+recorded. A sentence still open when a row stops at its budget or a full cache is not recorded.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import enum
 from typing import Any, Callable, Iterator
 
@@ -54,7 +63,7 @@ from vimar_jax.decode.sampling import sample, token_logprobs
 StepFn = Callable[..., tuple[jax.Array, Any]]
 # (params, tokens [B,T], positions [B,T], cache, cache_index, prefix, last_index [B]) -> (logits [B,V], cache)
 PrefillFn = Callable[..., tuple[jax.Array, Any]]
-BoundaryFn = Callable[[jax.Array, jax.Array], jax.Array]
+BoundaryFn = Callable[[jax.Array, jax.Array], jax.Array]   # (prev_tokens [B], tokens [B]) -> ends [B]
 MAX_EOS = 8   # eos_ids are padded to this width (with -1) so sets of different sizes share a compile
 
 
@@ -65,6 +74,27 @@ class Finish(enum.IntEnum):
     SENTENCE = 2
     BUDGET = 3
     CACHE_FULL = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceRule:
+    """How the decode loop finds sentence ends token by token (static: part of the compiled program)."""
+    init: Callable[[jax.Array], Any]                       # last prompt token [B] -> state ([B]-leading leaves)
+    step: Callable[[Any, jax.Array], tuple[Any, jax.Array]]  # (state, tok [B]) -> (state, ended [B] bool)
+    lookahead: bool                                        # ended[b]: the sentence ended *before* tok
+
+    @staticmethod
+    def inclusive(fn: BoundaryFn) -> "SentenceRule":
+        """`fn(prev [B], tok [B]) -> bool [B]`: tok ends a sentence (and belongs to it)."""
+        return SentenceRule(init=lambda last: last, step=lambda prev, tok: (tok, fn(prev, tok)), lookahead=False)
+
+    @staticmethod
+    def from_table(table) -> "SentenceRule":
+        """`vimar_jax.text.sentence_boundary` over a `SentenceEndTable` (fresh state at the decode start)."""
+        from vimar_jax import text
+
+        return SentenceRule(init=lambda last: text.init_sentence_state(last.shape[0], jnp),
+                            step=lambda state, tok: text.sentence_boundary(table, state, tok), lookahead=True)
 
 
 @flax.struct.dataclass
@@ -128,6 +158,7 @@ class DecodeState:
     raw_logprobs: jax.Array    # [B, N] float32: chosen token under the model's softmax
     boundaries: jax.Array      # [B, M] int32: exclusive sentence ends
     num_sentences: jax.Array   # [B] int32
+    sentence_state: Any        # the SentenceRule's state (None without a rule)
     rng: jax.Array             # the base key
     start: Start               # where a resumed decode would continue (next logits, positions, slot)
     cache: Any
@@ -140,16 +171,21 @@ class DecodeState:
 class Sampler:
     """Jitted prefill and decode around one model step function (see the module docstring).
 
-    `boundary_fn(prev [B], tok [B]) -> bool [B]` must be jit-friendly (e.g. a table lookup,
-    `vimar_jax.text` sentence-end tables); None means no sentence ends.
+    `boundary_fn`: a `SentenceRule`, or a jit-friendly `fn(prev [B], tok [B]) -> bool [B]` (taken as
+    `SentenceRule.inclusive(fn)`); None: no sentence ends. `prefill_fn` (optional) is `step_fn` that
+    returns only each row's logits at `last_index [B]`; the default computes all and gathers.
     """
 
     def __init__(self, step_fn: StepFn, *, prefill_fn: PrefillFn | None = None,
-                 boundary_fn: BoundaryFn | None = None, max_sentences: int = 32, min_tokens_to_keep: int = 1,
-                 pad_id: int = 0):
+                 boundary_fn: SentenceRule | BoundaryFn | None = None, max_sentences: int = 32,
+                 min_tokens_to_keep: int = 1, pad_id: int = 0):
         self.step_fn = step_fn
         self.prefill_fn = prefill_fn or _prefill_from_step(step_fn)
-        self.boundary_fn = boundary_fn
+        if boundary_fn is not None and not isinstance(boundary_fn, SentenceRule):
+            if not callable(boundary_fn):
+                raise TypeError(f"boundary_fn must be a SentenceRule or a callable, got {type(boundary_fn).__name__}")
+            boundary_fn = SentenceRule.inclusive(boundary_fn)
+        self.rule: SentenceRule | None = boundary_fn
         self.max_sentences = max_sentences
         self.min_tokens_to_keep = min_tokens_to_keep
         self.pad_id = pad_id
@@ -186,10 +222,11 @@ class Sampler:
 
     # --------------------------------------------------------------------------------------- decode
     def decode(self, params, start: Start, cache, settings: Settings, rng: jax.Array, *, buffer_size: int,
-               prefix=None, row_ids=None) -> DecodeState:
+               prefix=None, row_ids=None, sentence_state=None) -> DecodeState:
         """Generate up to `buffer_size` tokens per row (static: the result's width). `cache` is the rows'
         own cache (donated: do not reuse the argument), `prefix` an optional shared batch-1 cache,
-        `row_ids [B]` the ids folded into `rng` per row (default 0..B-1)."""
+        `row_ids [B]` the ids folded into `rng` per row (default 0..B-1), `sentence_state` the rule's
+        state to continue from (default: the rule's fresh state)."""
         batch = start.logits.shape[0]
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
@@ -204,9 +241,12 @@ class Sampler:
             if over > buffer_size:
                 raise ValueError(f"max_new_tokens {over} exceeds buffer_size {buffer_size}")
         row_ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
-        return self._decode(params, start, cache, settings, rng, row_ids, prefix, buffer_size=buffer_size)
+        if sentence_state is None and self.rule is not None:   # outside jit: one pytree structure, one compile
+            sentence_state = self.rule.init(start.last_token)
+        return self._decode(params, start, cache, settings, rng, row_ids, prefix, sentence_state,
+                            buffer_size=buffer_size)
 
-    def _decode_impl(self, params, start, cache, settings, rng, row_ids, prefix, *, buffer_size):
+    def _decode_impl(self, params, start, cache, settings, rng, row_ids, prefix, sentence_state, *, buffer_size):
         batch = start.logits.shape[0]
         budget = jnp.minimum(settings.max_new_tokens, buffer_size)
         no_room = start.cache_index >= _cache_len(cache)
@@ -219,6 +259,7 @@ class Sampler:
             raw_logprobs=jnp.zeros((batch, buffer_size), jnp.float32),
             boundaries=jnp.zeros((batch, self.max_sentences), jnp.int32),
             num_sentences=jnp.zeros((batch,), jnp.int32),
+            sentence_state=sentence_state,
             rng=rng, start=start.replace(logits=start.logits.astype(jnp.float32)), cache=cache)
 
         def cond(s):
@@ -235,41 +276,54 @@ class Sampler:
         tok, logp = sample(s.start.logits, keys, settings.temperature, settings.top_k, settings.top_p,
                            min_tokens_to_keep=self.min_tokens_to_keep)
         raw = token_logprobs(s.start.logits, tok)
-        tok = jnp.where(active, tok, self.pad_id)
-        column = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, t))  # noqa: E731
-        lengths = s.lengths + active
 
-        # Stopping rules and sentence ends.
+        # Sentence ends (EOS closes the open sentence; empty sentences are not recorded).
         eos = active & jnp.any(tok[:, None] == settings.eos_ids[None, :], axis=-1)
-        ends = jnp.zeros_like(active)
-        if self.boundary_fn is not None:
-            ends = active & ~eos & jnp.asarray(self.boundary_fn(s.start.last_token, tok), bool)
-        last_end = jnp.take_along_axis(s.boundaries, jnp.maximum(s.num_sentences - 1, 0)[:, None], axis=1)[:, 0]
-        last_end = jnp.where(s.num_sentences > 0, last_end, 0)
-        closes_at_eos = eos & (t > last_end)      # EOS after a non-empty unfinished sentence
-        closes = ends | closes_at_eos
-        end_value = jnp.where(ends, t + 1, t)
-        rows = jnp.arange(tok.shape[0])
+        ended, rule_state = jnp.zeros_like(active), s.sentence_state
+        if self.rule is not None:
+            rule_state, ended = self.rule.step(s.sentence_state, tok)
+            ended = active & ~eos & jnp.asarray(ended, bool)
+        end = jnp.where(eos | self._lookahead, t, t + 1)
+        prev_end = jnp.take_along_axis(s.boundaries, jnp.maximum(s.num_sentences - 1, 0)[:, None], axis=1)[:, 0]
+        closes = (ended | eos) & (end > jnp.where(s.num_sentences > 0, prev_end, 0))
         slot = jnp.where(closes & (s.num_sentences < self.max_sentences), s.num_sentences, self.max_sentences)
-        boundaries = s.boundaries.at[rows, slot].set(end_value, mode="drop")
+        boundaries = s.boundaries.at[jnp.arange(tok.shape[0]), slot].set(end, mode="drop")
         num_sentences = s.num_sentences + closes
-        sentence_stop = ends & (settings.stop_after_sentences > 0) & (num_sentences >= settings.stop_after_sentences)
-        reason = jnp.where(eos, Finish.EOS, jnp.where(sentence_stop, Finish.SENTENCE,
-                                                       jnp.where(active & (lengths >= budget), Finish.BUDGET,
-                                                                 s.reason)))
+        sentence_stop = ended & closes & (settings.stop_after_sentences > 0) & (
+            num_sentences >= settings.stop_after_sentences)
 
-        # Run the model on this step's tokens (rows done before this step: position -1, slot left empty).
-        positions = jnp.where(active, s.start.positions, -1)
-        logits, cache = self.step_fn(params, tok[:, None], positions[:, None], s.cache, s.start.cache_index, prefix)
+        # Rows that keep this token: a look-ahead sentence stop drops the token that revealed the end.
+        keep = active & ~(sentence_stop & self._lookahead)
+        tok = jnp.where(keep, tok, self.pad_id)
+        lengths = s.lengths + keep
+        reason = jnp.where(eos, Finish.EOS, jnp.where(sentence_stop, Finish.SENTENCE, jnp.where(
+            keep & (lengths >= budget), Finish.BUDGET, s.reason)))
+        rule_state = jax.tree.map(lambda new, old: jnp.where(_rows(keep, new), new, old), rule_state,
+                                  s.sentence_state)
+
+        # Run the model on the kept tokens (other rows: position -1, their slot stays empty).
+        logits, cache = self.step_fn(params, tok[:, None], jnp.where(keep, s.start.positions, -1)[:, None],
+                                     s.cache, s.start.cache_index, prefix)
         next_index = s.start.cache_index + 1
         reason = jnp.where((reason == Finish.RUNNING) & (next_index >= _cache_len(cache)), Finish.CACHE_FULL, reason)
-        start = Start(logits[:, -1].astype(jnp.float32), s.start.positions + active,
-                      jnp.where(active, tok, s.start.last_token), next_index)
+        start = Start(jnp.where(keep[:, None], logits[:, -1].astype(jnp.float32), s.start.logits),
+                      s.start.positions + keep, jnp.where(keep, tok, s.start.last_token), next_index)
+        column = lambda buf, x: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, t))  # noqa: E731
         return DecodeState(step=t + 1, done=reason > 0, reason=reason.astype(jnp.int32),
                            tokens=column(s.tokens, tok), lengths=lengths,
-                           logprobs=column(s.logprobs, jnp.where(active, logp, 0.0)),
-                           raw_logprobs=column(s.raw_logprobs, jnp.where(active, raw, 0.0)),
-                           boundaries=boundaries, num_sentences=num_sentences, rng=s.rng, start=start, cache=cache)
+                           logprobs=column(s.logprobs, jnp.where(keep, logp, 0.0)),
+                           raw_logprobs=column(s.raw_logprobs, jnp.where(keep, raw, 0.0)),
+                           boundaries=boundaries, num_sentences=num_sentences, sentence_state=rule_state,
+                           rng=s.rng, start=start, cache=cache)
+
+    @property
+    def _lookahead(self) -> bool:
+        return self.rule is not None and self.rule.lookahead
+
+
+def _rows(mask, x):
+    """A [B] mask shaped to broadcast against x [B, ...]."""
+    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -354,5 +408,5 @@ def count_compiles() -> Iterator[collections.Counter]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-__all__ = ["Finish", "Start", "Settings", "DecodeState", "Sampler", "decoder_step_fn", "decoder_prefill_fn",
+__all__ = ["Finish", "SentenceRule", "Start", "Settings", "DecodeState", "Sampler", "decoder_step_fn", "decoder_prefill_fn",
            "decoder_sampler", "count_compiles", "MAX_EOS"]
