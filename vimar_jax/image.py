@@ -214,16 +214,18 @@ class ImageConfig:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ImageConfig":
-        """From an HF checkpoint (or `vimar convert` output) directory."""
+        """From an HF checkpoint (or `vimar convert` output) directory. The image processor fields come from
+        `processor_config.json["image_processor"]` (transformers 5 layout) or else `preprocessor_config.json`."""
         path = os.fspath(path)
-        ip_file = os.path.join(path, "preprocessor_config.json")
-        if not os.path.isfile(ip_file):
-            raise FileNotFoundError(f"no preprocessor_config.json in {path}")
         model_config = _read_json(os.path.join(path, "config.json"))
         processor = _read_json(os.path.join(path, "processor_config.json"))
-        if processor is not None and "processor" in processor and isinstance(processor["processor"], dict):
-            processor = processor["processor"]
-        return cls.from_hf(model_config, _read_json(ip_file), processor)
+        image_processor = (processor or {}).get("image_processor")
+        if not isinstance(image_processor, dict):
+            image_processor = _read_json(os.path.join(path, "preprocessor_config.json"))
+        if image_processor is None:
+            raise FileNotFoundError(f"no preprocessor_config.json (nor an 'image_processor' entry in "
+                                    f"processor_config.json) in {path}")
+        return cls.from_hf(model_config, image_processor, processor)
 
 
 def _read_json(file: str) -> dict | None:

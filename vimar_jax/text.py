@@ -160,6 +160,7 @@ class Tokenizer:
 
     # ---- decoding ----
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; unlike HF, special tokens are skipped unless asked for (captions want that)."""
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up(text) if self._cleans_up else text
 
@@ -543,9 +544,14 @@ class SentenceState(NamedTuple):
 
 
 def init_sentence_state(batch: int, xp=np) -> SentenceState:
-    z = lambda dt: xp.zeros((batch,), dt)  # noqa: E731
-    return SentenceState(xp.zeros((batch, 2), xp.uint32), z(xp.int32), z(bool), z(bool), xp.zeros((batch, 2), xp.uint32),
-                         xp.ones((batch, 2), xp.uint32), z(xp.int32), z(xp.int32), z(bool), z(bool), z(bool))
+    """The state at the start of a text, for `batch` rows (`xp` = numpy or jax.numpy)."""
+    def zeros(dtype, shape=(batch,)):
+        return xp.zeros(shape, dtype)
+
+    return SentenceState(
+        body_h=zeros(xp.uint32, (batch, 2)), body_len=zeros(xp.int32), body_alpha=zeros(bool), body_dot=zeros(bool),
+        tail_h=zeros(xp.uint32, (batch, 2)), tail_p=xp.ones((batch, 2), xp.uint32), tail_len=zeros(xp.int32),
+        tail_dots=zeros(xp.int32), tail_strong=zeros(bool), word_closed=zeros(bool), sent_alpha=zeros(bool))
 
 
 def _xp_of(x):
