@@ -624,7 +624,7 @@ def sentence_boundary(table: SentenceEndTable, state: SentenceState, tok) -> tup
 
 def sentence_ends(token_ids: Sequence[int], table: SentenceEndTable) -> np.ndarray:
     """bool [T]: `ended` of `sentence_boundary` at every token of one sequence (host, pure Python loop;
-    the same rules as the array version, ~100x faster for one sequence)."""
+    the same rules as the array version, ~30x faster than it for one sequence: ~10 us per token)."""
     ids = np.asarray(token_ids, np.int64).reshape(-1)
     flags, hashes = table.flags[ids].tolist(), table.hashes[ids].tolist()
     never = {tuple(h) for h in table.never.tolist()}
