@@ -4,10 +4,11 @@ Numerically equal to HF `LlavaNextForConditionalGeneration`. HF packs each image
 loops over a data-dependent number of tiles; here everything in the graph has a static shape:
 
 1. the vision tower runs on all `B * max_patches` patch images (padded patches included);
-2. the selected hidden state(s) go through the projector -> `features [B * max_patches, P, E]`;
+2. the selected hidden state(s), CLS token included, go through the projector
+   -> `features [B * max_patches, 1 + P, E]`;
 3. `flat = concat(features.reshape(-1, E), image_newline[None])` and a host-computed `gather_index
    [B, max_img_tokens]` (`vimar_jax.image.feature_gather_index`) picks each image's packed sequence
-   (base view, unpadded tiles in grid order, one newline per row);
+   (base view, unpadded tiles in grid order, one newline per row; the CLS rows are never picked);
 4. the k-th `<image>` token of row b takes the k-th gathered feature of row b (cumsum + gather + where).
 
 Two HF key layouts are read (both with or without `vision_model.` under the vision tower):
@@ -101,11 +102,6 @@ class LlavaNextConfig:
         return self.vision.hidden_size * len(self.feature_layers)
 
     @property
-    def tokens_per_patch(self) -> int:
-        """Features per patch image after feature selection (CLS dropped by the 'default' strategy)."""
-        return self.vision.grid ** 2 + (self.vision_feature_select_strategy == "full")
-
-    @property
     def max_patches(self) -> int:
         """Most patch images one image can produce: the base view plus the largest pinpoint's tiles."""
         s = self.vision.image_size
@@ -160,10 +156,14 @@ class LlavaNextConfig:
         )
 
     def image_config(self):
-        """The host-side `vimar_jax.image.ImageConfig` matching this model (tiling, token counts)."""
+        """The host-side `vimar_jax.image.ImageConfig` of this model's tiling and token bookkeeping (its pixel
+        fields are irrelevant here: pixels come from the processor)."""
         from vimar_jax import image
 
-        return image.ImageConfig.from_llava(self)
+        S = self.vision.image_size
+        return image.ImageConfig(image_size=S, patch_size=self.vision.patch_size, pinpoints=self.image_grid_pinpoints,
+                                 strategy=self.vision_feature_select_strategy, has_cls=True,
+                                 size=(("shortest_edge", S),), crop_size=(S, S))
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -211,7 +211,8 @@ class LlavaNext(nnx.Module):
         self.decoder = Decoder(config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """pixel_values [B, Np, C, S, S] -> projected features of every patch image [B * Np, P, E]."""
+        """pixel_values [B, Np, C, S, S] -> projected features of every token of every patch image
+        [B * Np, 1 + P, E] (CLS included: the gather index skips it under the 'default' strategy)."""
         c = self.config
         v = c.vision
         if pixel_values.ndim != 5 or tuple(pixel_values.shape[2:]) != (v.num_channels, v.image_size, v.image_size):
@@ -219,8 +220,6 @@ class LlavaNext(nnx.Module):
                              f"{v.image_size}], got shape {tuple(pixel_values.shape)}")
         x = pixel_values.reshape(-1, *pixel_values.shape[2:])
         h = self.vision.hidden_states(x, c.vision_feature_layer)
-        if c.vision_feature_select_strategy == "default":
-            h = h[:, 1:]
         return self.projector(h.astype(self.dtype))
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, image_sizes=None,
