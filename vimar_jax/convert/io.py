@@ -464,17 +464,24 @@ class Checkpoint:
         dtype = np.dtype(dtype)
         if self.is_vimar:
             with self.files.view(dotted(path)) as v:
-                return np.array(v, dtype=dtype, copy=True)
+                return _owned(v, dtype, v)
         if len(rules) == 1 and rules[0].index is None:
             r = rules[0]
             with self.files.view(r.hf_key) as v:
-                x = _checked(r.to_ours(v), shape, r, path)
-                return np.array(x, dtype=dtype, copy=True)
+                return _owned(_checked(r.to_ours(v), shape, r, path), dtype, v)
         buf = np.empty(shape, dtype)
         for r in rules:
             with self.files.view(r.hf_key) as v:
                 buf[r.index] = _checked(r.to_ours(v), shape[1:], r, path)
         return buf
+
+
+def _owned(x: np.ndarray, dtype: np.dtype, source: np.ndarray) -> np.ndarray:
+    """`x` as a C-contiguous array of `dtype` that does not alias the memory-mapped `source` (copy only
+    when needed: transforms that transpose already made one)."""
+    if x.dtype == dtype and x.flags.c_contiguous and not np.may_share_memory(x, source):
+        return x
+    return np.array(x, dtype=dtype, copy=True, order="C")
 
 
 def _checked(x: np.ndarray, shape, rule, path) -> np.ndarray:
@@ -710,8 +717,7 @@ def convert_to_hf(vimar_dir, out_dir, *, overwrite: bool = False, progress: bool
 
             def f():
                 with ckpt.files.view(dotted(r.path), r.index) as v:
-                    x = r.to_hf(v)
-                    return np.array(x, dtype=want, copy=True)
+                    return _owned(r.to_hf(v), want, v)
             return f
 
         with atomic_dir(out_dir, overwrite=overwrite, sources=[vimar_dir]) as tmp:
