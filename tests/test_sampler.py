@@ -12,7 +12,8 @@ from flax import nnx
 from transformers import MistralConfig, MistralForCausalLM
 
 from vimar_jax.convert import spec
-from vimar_jax.decode.sampler import Finish, Settings, count_compiles, decoder_sampler
+from vimar_jax import text
+from vimar_jax.decode.sampler import Finish, SentenceRule, Settings, count_compiles, decoder_sampler
 from vimar_jax.models.decoder import Decoder, DecoderConfig, KVCache, decoder_rules
 
 VOCAB = 61
@@ -51,6 +52,7 @@ def boundary_table():
     ends = np.zeros(VOCAB, bool)
     ends[[g[0, 2], g[1, 4], g[2, 1]]] = True
     blocked = np.zeros(VOCAB, bool)
+    blocked[g[1, 3]] = True     # row 1's end token at index 4 follows it: no end there
     return ends, blocked
 
 
@@ -163,6 +165,7 @@ def test_sentence_stop_and_boundaries():
         stored = min(len(ends), 4)
         np.testing.assert_array_equal(np.asarray(out.boundaries)[b, :stored], ends[:stored])
     assert Finish.SENTENCE in reason.tolist() and int(np.asarray(out.num_sentences).max()) >= 2
+    assert not boundary_np(greedy[1, 3], greedy[1, 4]) and boundary_np(0, greedy[1, 4])   # prev matters
 
 
 def test_eos_closes_a_trailing_sentence():
@@ -176,6 +179,48 @@ def test_eos_closes_a_trailing_sentence():
         ends.append(n - 1)   # the EOS closes the unfinished sentence before it (EOS excluded)
     assert int(out.num_sentences[1]) == len(ends)
     np.testing.assert_array_equal(np.asarray(out.boundaries)[1, :len(ends)], ends)
+
+
+def word_table():
+    """Surfaces for the toy vocabulary: lower-case words, 42 = ".", 18 = " Dr" (so "Dr." never ends)."""
+    surfaces = [f" w{v}" for v in range(VOCAB)]
+    surfaces[42], surfaces[18] = ".", " Dr"
+    return text.SentenceEndTable.from_surfaces(surfaces)
+
+
+def test_lookahead_sentence_rule_from_text_table():
+    """With `vimar_jax.text`'s table an end is known at the next word; the stop drops that word's token,
+    and decoding resumes exactly there."""
+    greedy = world()[3]
+    assert greedy[0].tolist()[3:9] == [47, 42, 60, 3, 42, 41] and greedy[1].tolist()[4:6] == [42, 37]
+    assert greedy[2].tolist()[:3] == [18, 2, 48] and 42 not in greedy[2]
+    table = word_table()
+    want_ends = [[5, 8], [5], []]   # "... w47. | w60 w3. | w41", "... w53. | w37", row 2 has no "."
+    for b in range(3):              # the host segmentation of vimar_jax.text agrees
+        assert np.flatnonzero(text.sentence_ends(greedy[b], table)).tolist()[:len(want_ends[b])] == want_ends[b]
+    smp = decoder_sampler(world()[1], boundary_fn=SentenceRule.from_table(table), max_sentences=4)
+    out = run_per_row(Settings.make(3, temperature=0.0, max_new_tokens=[N, N, 8], stop_after_sentences=[2, 1, 1]),
+                      smp=smp)
+    np.testing.assert_array_equal(np.asarray(out.lengths), [8, 5, 8])
+    np.testing.assert_array_equal(np.asarray(out.reason), [Finish.SENTENCE, Finish.SENTENCE, Finish.BUDGET])
+    np.testing.assert_array_equal(np.asarray(out.num_sentences), [2, 1, 0])
+    np.testing.assert_array_equal(np.asarray(out.boundaries)[0, :2], [5, 8])
+    assert int(out.boundaries[1, 0]) == 5
+    tokens = np.asarray(out.tokens)
+    for b, n in enumerate([8, 5, 8]):
+        np.testing.assert_array_equal(tokens[b, :n], greedy[b, :n])
+        np.testing.assert_array_equal(tokens[b, n:], 0)           # the revealing token is not kept
+    np.testing.assert_array_equal(np.asarray(out.start.positions), [len(p) + n for p, n in zip(PROMPTS, [8, 5, 8])])
+    # Resume: the cache holds exactly the kept tokens, so greedy decoding continues as HF's did. The loop
+    # ran 9 steps (row 0's 9th token revealed its end), so 22 - 10 - 9 = 3 slots are left.
+    assert int(out.start.cache_index) == BUCKET + 9
+    sampler_, params = smp
+    rest = sampler_.decode(params, out.start, out.cache, Settings.make(3, temperature=0.0, max_new_tokens=N),
+                           jax.random.key(0), buffer_size=N)
+    np.testing.assert_array_equal(np.asarray(rest.lengths), 3)
+    assert np.asarray(rest.cache_full).all()
+    np.testing.assert_array_equal(np.asarray(rest.tokens)[0, :3], greedy[0, 8:11])
+    np.testing.assert_array_equal(np.asarray(rest.tokens)[1, :3], greedy[1, 5:8])
 
 
 def test_full_cache_is_reported_not_truncated():

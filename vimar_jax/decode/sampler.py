@@ -31,7 +31,9 @@ state's `start` holds each row's next-token logits, position and slot: a finishe
 - at their token budget `max_new_tokens[b]` (traced: changing it does not recompile; clamped to the
   static `buffer_size`),
 - when the own cache has no slot for another token (`Finish.CACHE_FULL`, also `state.cache_full`):
-  never a silent overwrite.
+  never a silent overwrite. The slot index is one scalar for the batch and advances every step while any
+  row runs, so a cache of `cache_index + buffer_size` slots always suffices for one call, and resuming
+  needs slots beyond the returned `start.cache_index`.
 
 Sentence boundaries are recorded for every row in every mode: `boundaries[b, i]` is the exclusive end
 (a count of generated tokens) of sentence i, `num_sentences[b]` how many there are (it may exceed the
@@ -65,6 +67,7 @@ StepFn = Callable[..., tuple[jax.Array, Any]]
 PrefillFn = Callable[..., tuple[jax.Array, Any]]
 BoundaryFn = Callable[[jax.Array, jax.Array], jax.Array]   # (prev_tokens [B], tokens [B]) -> ends [B]
 MAX_EOS = 8   # eos_ids are padded to this width (with -1) so sets of different sizes share a compile
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"   # jax.monitoring event, per XLA compile
 
 
 class Finish(enum.IntEnum):
@@ -392,12 +395,10 @@ def decoder_sampler(decoder, **kwargs) -> tuple[Sampler, Any]:
 def count_compiles() -> Iterator[collections.Counter]:
     """Count XLA compilations inside the block by function name, `jit(f)` reported as `f` (a `Sampler`
     compiles `_prefill_impl` and `_decode_impl`). Calls served from the jit cache are not counted."""
-    from jax._src import dispatch
-
     counts: collections.Counter = collections.Counter()
 
     def listener(event, duration, **kwargs):
-        if event == dispatch.BACKEND_COMPILE_EVENT:
+        if event == _BACKEND_COMPILE_EVENT:
             name = str(kwargs.get("fun_name", "?"))
             counts[name[4:-1] if name.startswith("jit(") and name.endswith(")") else name] += 1
 
@@ -408,5 +409,5 @@ def count_compiles() -> Iterator[collections.Counter]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-__all__ = ["Finish", "SentenceRule", "Start", "Settings", "DecodeState", "Sampler", "decoder_step_fn", "decoder_prefill_fn",
-           "decoder_sampler", "count_compiles", "MAX_EOS"]
+__all__ = ["Finish", "SentenceRule", "Start", "Settings", "DecodeState", "Sampler", "decoder_step_fn",
+           "decoder_prefill_fn", "decoder_sampler", "count_compiles", "MAX_EOS"]
