@@ -3,7 +3,8 @@
 Writes a synthetic LLaVA-NeXT checkpoint (Mistral-7B-wide decoder with few layers, a 2-layer CLIP-L-wide
 vision tower, random bf16 values, sharded with an index as `save_pretrained` does; no torch), converts it
 in a subprocess (`python -m vimar_jax.cli convert`), then converts it back (`--to-hf`) and checks the round
-trip is byte-equal. Prints, per direction, peak RSS of the converter / checkpoint bytes, seconds and GB/s.
+trip is byte-equal. Prints, per direction, peak RSS of the converter / checkpoint bytes, seconds and GB/s;
+and, for reference, the peak RSS of `load_module` (bf16 on CPU: the loaded model itself lives in host memory).
 
     python bench/convert_memory.py --size-gb 2
     python bench/convert_memory.py --size-gb 0.05 --scale 8     # a quick smoke run
@@ -111,17 +112,20 @@ def write_checkpoint(path: Path, size_gb: float, scale: int, shard_gb: float) ->
     return total
 
 
-def run_converter(args: list[str]) -> tuple[float, float, float]:
-    """Run `vimar convert ARGS` in a subprocess -> (peak RSS in bytes, wall seconds, CPU seconds)."""
+LOAD = ("import sys, jax.numpy as jnp; from vimar_jax.convert.io import load_module; "
+        "m, _ = load_module(sys.argv[1], dtype=jnp.bfloat16)")
+
+
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """Run a command in a subprocess -> (its peak RSS in bytes, wall seconds, CPU seconds)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "vimar_jax.cli", "convert", "--no-progress", *args],
-                            cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise SystemExit(f"vimar convert {' '.join(args)} failed with status {proc.returncode}")
+        raise SystemExit(f"{' '.join(cmd)} failed with status {proc.returncode}")
     return usage.ru_maxrss * 1024, seconds, usage.ru_utime + usage.ru_stime  # ru_maxrss: KiB on Linux
 
 
@@ -138,8 +142,15 @@ def main() -> None:
         hf, ours, back = tmp / "hf", tmp / "ours", tmp / "back"
         size = write_checkpoint(hf, args.size_gb, args.scale, args.shard_gb)
         results = {}
-        for what, cmd in (("hf -> vimar", [str(hf), str(ours)]), ("vimar -> hf", ["--to-hf", str(ours), str(back)])):
-            rss, secs, cpu = run_converter(cmd)
+        convert = [sys.executable, "-m", "vimar_jax.cli", "convert", "--no-progress"]
+        for what, cmd in (("hf -> vimar", convert + [str(hf), str(ours)]),
+                          ("vimar -> hf", convert + ["--to-hf", str(ours), str(back)]),
+                          ("load_module(bf16, CPU)", [sys.executable, "-c", LOAD, str(ours)])):
+            rss, secs, cpu = measure(cmd)
+            if what.startswith("load"):  # a loaded model is one full copy by definition: not a goal here
+                print(f"{what}: peak RSS {rss / 1e9:.3f} GB = {rss / size:.3f} x checkpoint, {secs:.1f} s wall",
+                      flush=True)
+                continue
             results[what] = rss / size
             print(f"{what}: peak RSS {rss / 1e9:.3f} GB = {rss / size:.3f} x checkpoint, {secs:.1f} s wall "
                   f"({cpu:.1f} s CPU), {size / 1e9 / secs:.2f} GB/s", flush=True)

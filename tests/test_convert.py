@@ -458,6 +458,11 @@ def test_converted_dir_checks(tmp_path, rng):
     with pytest.raises(ConversionError, match="'final_norm'"):
         io.convert_to_hf(ours, tmp_path / "back")
     assert not (tmp_path / "back").exists()
+    meta = json.loads((ours / "vimar.json").read_text())
+    del meta["hf"]["files"][0]["tensors"][0]
+    (ours / "vimar.json").write_text(json.dumps(meta))
+    with pytest.raises(ConversionError, match="vimar.json is malformed"):
+        io.convert_to_hf(ours, tmp_path / "back")
 
 
 # ----------------------------------------------------------------------------------------------------

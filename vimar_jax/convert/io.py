@@ -386,7 +386,7 @@ class Checkpoint:
                 if self.vimar.get("format_version") != FORMAT_VERSION:
                     raise ConversionError(f"{self.root / VIMAR_JSON}: unsupported format_version "
                                           f"{self.vimar.get('format_version')!r} (expected {FORMAT_VERSION})")
-                self.hf = {k: dict(v) for k, v in self.vimar["hf"]["tensors"].items()}
+                self.hf = _hf_tensors_of(self.vimar, self.root / VIMAR_JSON)
             else:
                 self.vimar = None
                 self.hf = {k: {"dtype": i.dtype, "shape": list(i.shape), "file": self.files.weight_map[k]}
@@ -482,6 +482,22 @@ def _owned(x: np.ndarray, dtype: np.dtype, source: np.ndarray) -> np.ndarray:
     if x.dtype == dtype and x.flags.c_contiguous and not np.may_share_memory(x, source):
         return x
     return np.array(x, dtype=dtype, copy=True, order="C")
+
+
+def _hf_tensors_of(vimar: dict, where: Path) -> dict:
+    """The `hf.tensors` table of a vimar.json, after checking the parts `convert_to_hf` relies on."""
+    try:
+        hf = vimar["hf"]
+        tensors = {k: {"dtype": v["dtype"], "shape": [int(n) for n in v["shape"]], "file": str(v["file"])}
+                   for k, v in hf["tensors"].items()}
+        files = [(str(f["name"]), f["metadata"], list(f["tensors"])) for f in hf["files"]]
+        listed = sorted(k for _, _, keys in files for k in keys)
+        ok = listed == sorted(tensors) and all(v["dtype"] in DTYPES for v in tensors.values())
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConversionError(f"{where} is malformed ({type(e).__name__}: {e})") from None
+    if not ok:
+        raise ConversionError(f"{where} is malformed (its file lists and tensor table disagree)")
+    return tensors
 
 
 def _checked(x: np.ndarray, shape, rule, path) -> np.ndarray:
