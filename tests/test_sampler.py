@@ -281,5 +281,9 @@ def test_bad_arguments_raise():
         smp.decode(params, start, cache, Settings.make(3, max_new_tokens=N + 1), jax.random.key(0), buffer_size=N)
     with pytest.raises(ValueError, match="temperature"):
         Settings.make(3, temperature=[1.0, 2.0], max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p"):
+        Settings.make(3, top_p=1.5, max_new_tokens=4)
+    with pytest.raises(ValueError, match="at most 8 eos_ids"):
+        Settings.make(3, max_new_tokens=4, eos_ids=range(9))
     with pytest.raises(ValueError, match="batch-1"):
         start.broadcast(4)

@@ -140,10 +140,15 @@ class Settings:
             raise ValueError(f"at most {MAX_EOS} eos_ids, got {eos.size}")
         if (eos < 0).any():
             raise ValueError(f"eos_ids must be token ids >= 0, got {eos.tolist()}")
-        temperature = row("temperature", temperature, np.float32)
+        temperature, top_k, top_p = (row("temperature", temperature, np.float32), row("top_k", top_k, np.int32),
+                                     row("top_p", top_p, np.float32))
         if (np.asarray(temperature) < 0).any():
-            raise ValueError("temperature must be >= 0 (0 = greedy)")
-        return Settings(temperature, row("top_k", top_k, np.int32), row("top_p", top_p, np.float32),
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {np.asarray(temperature).tolist()}")
+        if (np.asarray(top_k) < 0).any():
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {np.asarray(top_k).tolist()}")
+        if ((np.asarray(top_p) < 0) | (np.asarray(top_p) > 1)).any():
+            raise ValueError(f"top_p must be in [0, 1] (1 = off), got {np.asarray(top_p).tolist()}")
+        return Settings(temperature, top_k, top_p,
                         row("max_new_tokens", max_new_tokens, np.int32),
                         row("stop_after_sentences", stop_after_sentences, np.int32),
                         jnp.asarray(np.pad(eos, (0, MAX_EOS - eos.size), constant_values=-1)))
