@@ -13,6 +13,8 @@ import sys
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "convert": ("vimar_jax.convert.cli", "convert a Hugging Face checkpoint to vimar's layout (or back)"),
+    "caption": ("vimar_jax.caption_cli", "caption images with greedy, best-of-N, step search or ViMaR"),
+    "eval": ("vimar_jax.eval.cli", "evaluation metrics (CHAIR)"),
 }
 
 
