@@ -1,6 +1,7 @@
 """CLIP port: parity with HF torch `CLIPModel`/`CLIPVisionModel`, rules, and the `load_clip` API."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from PIL import Image
 from transformers import CLIPConfig as HFCLIPConfig
 from transformers import CLIPModel as HFCLIPModel
 from transformers import CLIPVisionConfig as HFVisionConfig
@@ -281,3 +283,139 @@ def test_sharded_params_and_activations(pair):
         img, txt = _embeds(model, jnp.asarray(px), jnp.asarray(ids), jnp.asarray(mask))
     img0, txt0 = _embeds(ours, jnp.asarray(px), jnp.asarray(ids), jnp.asarray(mask))
     assert max_rel_err(img, img0) <= TOL and max_rel_err(txt, txt0) <= TOL
+
+
+# ------------------------------------------------------------------------------------------- load_clip
+
+
+def _clip_tokenizer(out_dir):
+    """A tiny CLIP-style byte-level BPE `tokenizer.json` (CLIP's normaliser, splitter, `</w>` suffix and
+    BOS/EOS post-processor), trained on a few words; loadable by HF `CLIPTokenizer`."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(BPE(unk_token="<|endoftext|>", continuing_subword_prefix="", end_of_word_suffix="</w>",
+                        fuse_unk=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
+                                   r"[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    words = "a photo of red blue green cat dog circle square triangle on the left right big small two".split()
+    trainer = BpeTrainer(vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                         end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(words)] * 5, trainer)
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", eos), ("<|startoftext|>", bos),
+                                                      trim_offsets=False, add_prefix_space=False)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="CLIPTokenizer", model_max_length=77, bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")))
+    return tok.get_vocab_size(), bos, eos
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny HF CLIP directory written by `save_pretrained` (model + CLIPProcessor) and the HF objects."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPProcessor
+
+    d = tmp_path_factory.mktemp("tiny_clip")
+    vocab, bos, eos = _clip_tokenizer(d)
+    c = CONFIGS["quick_gelu"]
+    text = dict(c["text"], vocab_size=vocab, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(7)
+    hf = HFCLIPModel(HFCLIPConfig(text_config=text, vision_config=c["vision"], projection_dim=16)).eval()
+    hf.save_pretrained(d)
+    s = c["vision"]["image_size"]
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}),
+                              AutoTokenizer.from_pretrained(d))
+    processor.save_pretrained(d)
+    return d, hf, CLIPProcessor.from_pretrained(d)
+
+
+def _images():
+    rng = np.random.default_rng(3)
+    rgb = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    gray = Image.fromarray(rng.integers(0, 256, (45, 33), dtype=np.uint8), mode="L")
+    rgba = Image.fromarray(rng.integers(0, 256, (20, 70, 4), dtype=np.uint8), mode="RGBA")
+    return [rgb(40, 50), rgb(64, 32), rgb(17, 90), gray, rgba]
+
+
+TEXTS = ["A photo of a red cat.", "two big blue squares on the left!", "dog",
+         " ".join(["a small green triangle"] * 30),   # ~120 tokens: truncated to 77, never dropped
+         "Circle?"]
+
+
+def test_load_clip_matches_hf_processor_and_model(clip_dir):
+    from vimar_jax.clip import load_clip
+
+    d, hf, processor = clip_dir
+    clip = load_clip(d, batch_size=4)   # 5 rows -> chunks of 4 and 1
+    images = _images()
+    ref_in = processor(text=TEXTS, images=images, return_tensors="pt", padding=True, truncation=True,
+                       max_length=77)
+    ids, mask = clip.tokenize(TEXTS)
+    np.testing.assert_array_equal(ids, ref_in["input_ids"].numpy())
+    np.testing.assert_array_equal(mask, ref_in["attention_mask"].numpy())
+    assert ids.shape[1] == 77 and mask[3].sum() == 77 and ids[3, -1] == clip.tokenizer.eos_token_id
+    px = clip.pixel_values(images)
+    assert np.abs(px - ref_in["pixel_values"].numpy()).max() <= 1e-6
+    with torch.no_grad():
+        ref = hf(**ref_in)
+    img = clip.embed_images(images)
+    txt = clip.embed_texts(TEXTS)
+    assert max_rel_err(img, ref.image_embeds.numpy()) <= TOL
+    assert max_rel_err(txt, ref.text_embeds.numpy()) <= TOL
+    cos = (ref.logits_per_image / hf.logit_scale.exp()).detach().numpy()
+    assert max_rel_err(clip.similarity(images, TEXTS), np.diag(cos)) <= TOL
+    assert max_rel_err(clip.similarity(images, TEXTS, matrix=True), cos) <= TOL
+    # Cached image embeddings: one image against every text, and a preprocessed pixel batch.
+    assert max_rel_err(clip.similarity_from_embeds(img[2], txt), cos[2]) <= TOL
+    assert max_rel_err(clip.embed_images(px), img) <= TOL
+    # The order of rows in a batch (and so the padding/chunking) does not matter.
+    assert max_rel_err(clip.embed_texts(TEXTS[::-1])[::-1], txt) <= TOL
+
+
+def test_load_clip_bad_input(clip_dir, tmp_path):
+    from vimar_jax.clip import load_clip
+
+    d, _, _ = clip_dir
+    clip = load_clip(d)
+    missing = tmp_path / "nope.png"
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        clip.embed_images([missing])
+    fake = tmp_path / "notes.png"
+    fake.write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png"):
+        clip.embed_images([str(fake)])
+    with pytest.raises(TypeError, match="image 1"):
+        clip.embed_images([_images()[0], 3.5])
+    with pytest.raises(TypeError, match="text 0"):
+        clip.embed_texts([None])
+    with pytest.raises(ValueError, match=r"pixel_values must be \[N, 3, 32, 32\]"):
+        clip.embed_pixels(np.zeros((1, 3, 30, 32), np.float32))
+    with pytest.raises(ValueError, match="matrix=True"):
+        clip.similarity_from_embeds(np.ones((2, 16)), np.ones((3, 16)))
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        load_clip(tmp_path / "no_such_dir")
+    assert clip.embed_texts([]).shape == (0, 16) and clip.embed_images([]).shape == (0, 16)
+    # A real image file on disk works like the PIL image.
+    good = tmp_path / "ok.png"
+    _images()[1].save(good)
+    np.testing.assert_array_equal(clip.embed_images([good]), clip.embed_images([_images()[1]]))
+
+
+def test_load_clip_from_converted_dir(clip_dir, tmp_path):
+    from vimar_jax.clip import load_clip
+    from vimar_jax.convert import io
+
+    d, _, _ = clip_dir
+    out = tmp_path / "converted"
+    io.convert_to_vimar(d, out)
+    a = load_clip(d).embed_texts(TEXTS[:2])
+    b = load_clip(out).embed_texts(TEXTS[:2])
+    np.testing.assert_array_equal(a, b)
