@@ -193,12 +193,14 @@ def test_rules_exact_round_trip(pair):
     shapes = spec.param_shapes(ours)
     spec.check_rules(rules, shapes)
     assert sorted(r.hf_key for r in rules) == sorted(sd)
-    flat = {p: np.asarray(v) for p, (v) in
-            ((tuple(str(x) for x in path), var.get_value()) for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)))}
+    flat = spec.assemble(rules, shapes, sd.__getitem__)
     back = spec.disassemble(rules, flat)
     assert sorted(back) == sorted(sd)
     for k, v in sd.items():
-        assert back[k].shape == v.shape and np.array_equal(back[k], v), k
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+    # The module loaded through the same rules holds exactly the assembled arrays.
+    for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
+        assert np.array_equal(np.asarray(var.get_value()), flat[tuple(str(x) for x in path)]), path
 
 
 def test_rules_with_prefix_and_checkpoint_spec():
