@@ -421,3 +421,7 @@ def test_load_clip_from_converted_dir(clip_dir, tmp_path):
     a = load_clip(d).embed_texts(TEXTS[:2])
     b = load_clip(out).embed_texts(TEXTS[:2])
     np.testing.assert_array_equal(a, b)
+    # bfloat16 compute: float32 unit-norm embeddings close to the float32 ones.
+    c = load_clip(out, dtype=jnp.bfloat16).embed_texts(TEXTS[:2])
+    assert c.dtype == np.float32 and max_rel_err(c, a) <= 5e-2
+    np.testing.assert_allclose(np.linalg.norm(c, axis=-1), 1.0, rtol=1e-5)
