@@ -42,7 +42,6 @@ def linear(hf_key: str, path: Path, out_shape: tuple[int, ...], in_shape: tuple[
            index: int | None = None) -> TensorRule:
     """A torch `Linear.weight` [prod(out), prod(in)] stored by us as a kernel [*in_shape, *out_shape]."""
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
-    ni = len(in_shape)
 
     def to_ours(w):
         return np.ascontiguousarray(w.T.reshape(*in_shape, *out_shape))
@@ -50,16 +49,16 @@ def linear(hf_key: str, path: Path, out_shape: tuple[int, ...], in_shape: tuple[
     def to_hf(k):
         return np.ascontiguousarray(k.reshape(n_in, n_out).T)
 
-    del ni
     return TensorRule(hf_key, path, (n_out, n_in), index, to_ours, to_hf)
 
 
 def reshaped(hf_key: str, path: Path, hf_shape: tuple[int, ...], our_shape: tuple[int, ...],
              index: int | None = None) -> TensorRule:
     """A tensor that only changes shape (biases split into heads, scalars, ...)."""
+    # np.array(...) copies into a contiguous array; np.ascontiguousarray would turn a 0-d array into 1-d.
     return TensorRule(hf_key, path, tuple(hf_shape), index,
-                      lambda x: np.ascontiguousarray(x.reshape(our_shape)),
-                      lambda x: np.ascontiguousarray(x.reshape(hf_shape)))
+                      lambda x: np.array(x).reshape(our_shape),
+                      lambda x: np.array(x).reshape(hf_shape))
 
 
 def param_shapes(module) -> dict[Path, tuple[tuple[int, ...], np.dtype]]:
