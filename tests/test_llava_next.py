@@ -351,3 +351,23 @@ def test_missing_tensor_names_the_key(saved_dirs, tmp_path):
     keys = set(load_file(saved_dirs["saved"] / "model.safetensors"))
     with pytest.raises(spec.ConversionError, match="lm_head"):
         checkpoint_spec(cfg, keys - {"language_model.lm_head.weight"})
+
+
+def test_greedy_generate_matches_hf_generate():
+    """`VLM.generate` (prefill with images, then the shared sampler) equals HF greedy `generate` on a
+    left-padded batch."""
+    name = "mistral_mqa_window"
+    model = hf_model(name)
+    inputs = batch(name, IMAGE_HW[:3], TEXTS[:3])
+    T, new = inputs["input_ids"].shape[1], 6
+    with torch.no_grad():
+        ref = model.generate(**{k: torch.tensor(v) for k, v in inputs.items()}, do_sample=False,
+                             max_new_tokens=new, eos_token_id=2, pad_token_id=3).numpy()[:, T:]
+    res = ours_vlm(name).generate(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
+                                  inputs["attention_mask"], max_new_tokens=new, eos_ids=[2])
+    tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
+    assert tokens.shape[1] == bucket_length(new)
+    for b in range(3):
+        n = lengths[b]
+        assert 1 <= n <= new and np.array_equal(tokens[b, :n], ref[b, :n])
+        assert n == new or ref[b, n - 1] == 2

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vimar_jax.models.decoder import KVCache
 from vimar_jax.models.llava_next import LlavaNext, LlavaNextConfig
 from vimar_jax.models.value import ValueConfig, ValueModel
 
@@ -118,6 +119,16 @@ def _logits_fn(graphdef, state, ids, pixel_values, gather_index, positions, segm
     return m.logits(h)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _prefill_fn(graphdef, state, ids, pixel_values, gather_index, positions, last_index, cache_len):
+    """Prompts (with images) into a fresh per-row cache of `cache_len` slots -> (last-token logits, cache)."""
+    m = nnx.merge(graphdef, state)
+    cache = KVCache.init(m.config.text, ids.shape[0], cache_len, m.dtype)
+    h, cache = m(ids, pixel_values, None, gather_index, positions, cache=cache, cache_index=0)
+    last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)
+    return m.logits(last)[:, 0], cache
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _values_fn(graphdef, state, ids, pixel_values, gather_index, positions, segment_ids, query_index):
     m = nnx.merge(graphdef, state)
@@ -132,19 +143,68 @@ def _forward_args(prep: dict):
 
 
 class VLM(_Base):
-    """A loaded LLaVA-NeXT: `.config`, `.module`, `.processor`, `.logits(...)`."""
+    """A loaded LLaVA-NeXT: `.config`, `.module`, `.processor`, `.logits(...)`, `.prefill(...)`, `.generate(...)`.
+
+    The parameters are captured when the object is made: after changing `module`, make a new `VLM`."""
 
     def __init__(self, module: LlavaNext, hf_config: dict, path: str | Path | None = None, **kw):
         super().__init__(path, module.config, hf_config, **kw)
         self.module = module
         self.config = module.config
         self._graphdef, self._state = nnx.split(module)
+        self._decoder_graphdef, self._decoder_state = nnx.split(module.decoder)
+        self._samplers = {}
 
     def logits(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> jax.Array:
         """float32 logits [B, T, V] for HF processor arrays (values at padded positions are meaningless)."""
         prep = self.prepare(input_ids, pixel_values, image_sizes, attention_mask)
         out = _logits_fn(self._graphdef, self._state, *_forward_args(prep))
         return out[:, :prep["length"]]
+
+    def prefill(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *, extra_slots: int):
+        """Run prompts (left- or right-padded) into a per-row cache with `extra_slots` free slots after the
+        length bucket -> (`decode.sampler.Start`, cache) for `Sampler.decode` over `self.module.decoder`."""
+        from vimar_jax.decode.sampler import Start
+
+        prep = self.prepare(input_ids, pixel_values, image_sizes, attention_mask)
+        valid = prep["valid"]
+        if not valid[:, :prep["length"]].any(axis=1).all():
+            raise ValueError("a row of attention_mask has no tokens")
+        last = (valid.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)).astype(np.int32)
+        ids, pv, gidx, positions, _ = _forward_args(prep)
+        positions = jnp.where(jnp.asarray(valid), positions, -1)
+        Tb = prep["input_ids"].shape[1]
+        logits, cache = _prefill_fn(self._graphdef, self._state, ids, pv, gidx, positions, jnp.asarray(last),
+                                    Tb + int(extra_slots))
+        rows = np.arange(valid.shape[0])
+        start = Start(logits, jnp.asarray(valid.sum(axis=1), jnp.int32),
+                      jnp.asarray(prep["input_ids"][rows, last], jnp.int32), jnp.asarray(Tb, jnp.int32))
+        return start, cache
+
+    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *,
+                 max_new_tokens: int = 64, temperature=0.0, top_k=0, top_p=1.0, eos_ids=None, rng=0,
+                 boundary_fn=None, stop_after_sentences=0):
+        """Sample continuations of HF processor prompts with `vimar_jax.decode.sampler` -> its `DecodeState`
+        (`tokens [B, N]` generated tokens, `lengths [B]`, sentence `boundaries`, ...). Sampling parameters
+        are scalars or per-row sequences (temperature 0 = greedy); `eos_ids` default to the text config's
+        `eos_token_id`. The buffer is `max_new_tokens` rounded up to a power of two (one compile per bucket)."""
+        from vimar_jax.decode.sampler import Sampler, Settings, decoder_step_fn
+
+        if eos_ids is None:
+            eos = (self.hf_config.get("text_config") or {}).get("eos_token_id")
+            eos_ids = () if eos is None else np.atleast_1d(eos).tolist()
+        buffer = bucket_length(int(max_new_tokens), "pow2")
+        start, cache = self.prefill(input_ids, pixel_values, image_sizes, attention_mask, extra_slots=buffer)
+        key = boundary_fn
+        if key not in self._samplers:
+            self._samplers[key] = Sampler(decoder_step_fn(self._decoder_graphdef), boundary_fn=boundary_fn,
+                                          pad_id=self.pad_token_id)
+        B = start.logits.shape[0]
+        settings = Settings.make(B, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 max_new_tokens=max_new_tokens, stop_after_sentences=stop_after_sentences,
+                                 eos_ids=eos_ids)
+        rng = jax.random.PRNGKey(rng) if isinstance(rng, (int, np.integer)) else rng
+        return self._samplers[key].decode(self._decoder_state, start, cache, settings, rng, buffer_size=buffer)
 
 
 class Value(_Base):
