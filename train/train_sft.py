@@ -424,13 +424,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    argv = list(sys.argv if argv is None else argv)
     fl = flags.FlagValues()
+    # `sys_argv`: config_flags finds the --config.KEY overrides there (default: the process's sys.argv).
     config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/tiny_policy.py", flag_values=fl,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "run directory (resumable); the policy goes to WORKDIR/hf", flag_values=fl)
     flags.DEFINE_string("clip", None, "HF CLIP directory (from scratch): the frozen vision tower", flag_values=fl)
     flags.DEFINE_string("init", None, "LLaVA-NeXT directory to fine-tune", flag_values=fl)
-    fl(list(sys.argv if argv is None else argv))
+    fl(argv)
     if fl.config is None:
         raise SystemExit("--config is required (e.g. --config configs/tiny_policy.py)")
     if not fl.workdir:

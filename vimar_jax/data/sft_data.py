@@ -101,11 +101,11 @@ class CaptionFile:
 
     Relative image paths are tried against `image_root` if given, else as written (relative to the working
     directory) and then relative to the file's directory. Lines without a caption (e.g. error records),
-    torn lines, and images that are missing or cannot be decoded are reported on stderr by name, skipped,
-    and listed in `.skipped` as (name, reason)."""
+    torn lines, and images that are missing or cannot be decoded are reported on stderr by name (unless
+    `quiet`), skipped, and listed in `.skipped` as (name, reason)."""
 
     def __init__(self, path: str | os.PathLike, *, prompt: str = DEFAULT_PROMPT, image_root: str | None = None,
-                 check_images: bool = True, log=sys.stderr):
+                 check_images: bool = True, quiet: bool = False):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"caption file {self.path} does not exist")
@@ -115,8 +115,8 @@ class CaptionFile:
 
         def skip(name: str, reason: str) -> None:
             self.skipped.append((name, reason))
-            if log is not None:
-                print(f"warning: {self.path}: skipping {name}: {reason}", file=log)
+            if not quiet:
+                print(f"warning: {self.path}: skipping {name}: {reason}", file=sys.stderr)
 
         with open(self.path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
