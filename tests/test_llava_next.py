@@ -170,7 +170,7 @@ def test_logits_match_hf(name):
 def test_padding_side_and_batch_invariance():
     """Each row of a left-padded batch equals the same prompt run alone (no padding) through HF."""
     name = "mistral_layer_list"
-    inputs = batch(name, IMAGE_HW[:3])
+    inputs = batch(name)  # the batch of test_logits_match_hf (shared compilation)
     ours = np.asarray(ours_vlm(name).logits(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
                                             inputs["attention_mask"]))
     for b in range(3):

@@ -79,6 +79,11 @@ def hf_reference(value_layer=-2) -> np.ndarray:
     return np.array(out)
 
 
+@nnx.jit
+def packed_values(model, tokens, pixel_values, gather_index, positions, segment_ids, query_index):
+    return model.values(tokens, pixel_values, None, gather_index, positions, segment_ids, query_index=query_index)
+
+
 def gather_index(model: ValueModel):
     ids, pv, sizes = prefix()
     return model.backbone.gather_index(sizes, pv.shape[1])
@@ -131,9 +136,8 @@ def test_packed_states_equal_states_run_alone(value_layer):
     model = value_model(value_layer)
     tokens, pos, segs, ends = packed_inputs()
     _, pv, _ = prefix()
-    fn = nnx.jit(lambda m, *a: m.values(*a[:6], query_index=a[6]))
-    got = fn(model, jnp.asarray(tokens), jnp.asarray(pv), None, gather_index(model), jnp.asarray(pos),
-             jnp.asarray(segs), jnp.asarray(ends))
+    got = packed_values(model, jnp.asarray(tokens), jnp.asarray(pv), gather_index(model), jnp.asarray(pos),
+                        jnp.asarray(segs), jnp.asarray(ends))
     assert got.shape == (1, len(SENTENCES)) and got.dtype == jnp.float32
     assert max_rel_err(got[0], hf_reference(value_layer)) <= TOL
 
@@ -157,9 +161,8 @@ def test_prefix_cache_equals_packed_and_alone():
     assert max_rel_err(got, hf_reference()) <= TOL
 
     tokens, pos, segs, ends = packed_inputs()
-    packed = nnx.jit(lambda mod, *a: mod.values(*a[:6], query_index=a[6]))(
-        model, jnp.asarray(tokens), jnp.asarray(pv), None, gather_index(model), jnp.asarray(pos), jnp.asarray(segs),
-        jnp.asarray(ends))[0]
+    packed = packed_values(model, jnp.asarray(tokens), jnp.asarray(pv), gather_index(model), jnp.asarray(pos),
+                           jnp.asarray(segs), jnp.asarray(ends))[0]
     assert max_rel_err(got, packed) <= TOL
 
 
