@@ -274,3 +274,43 @@ def test_init_requires_exactly_one_source(tmp_path, clip_dir):
     cfg.clip, cfg.init = clip_dir, clip_dir
     with pytest.raises(ValueError, match="exactly one of init"):
         T.train_sft(cfg, str(tmp_path / "w"))
+
+
+def test_qwen_policy_from_scratch_exports_to_hf(clip_dir, tmp_path):
+    """Policy "b": Qwen2 decoder (q/k/v biases) and the ChatML tokenizer, straight from initialisation."""
+    from configs import tiny_policy_qwen
+
+    cfg = tiny_policy_qwen.get_config()
+    cfg.model.update(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                     pinpoints="1x2,2x1,2x2")
+    cfg.clip = clip_dir
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    model, hf_config = T.init_from_scratch(cfg, str(assets))
+    assert hf_config["text_config"]["model_type"] == "qwen2"
+    layers = model.decoder.layers  # biases start at zero: give them values so that the check covers them
+    layers.q_bias.set_value(0.1 * jax.random.normal(jax.random.PRNGKey(1), layers.q_bias.shape))
+    layers.k_bias.set_value(0.1 * jax.random.normal(jax.random.PRNGKey(2), layers.k_bias.shape))
+    out = tmp_path / "hf"
+    T.save_hf(model, hf_config, str(assets), str(out))
+
+    proc = LlavaNextProcessor.from_pretrained(out)
+    hf = LlavaNextForConditionalGeneration.from_pretrained(out).eval()
+    im = scene_images(31, 1)[0]
+    caption = "There is a large green hexagon on the right."
+    text = proc.apply_chat_template([user("Describe this image in detail."), assistant(caption)])
+    inputs = proc(images=[im], text=[text], return_tensors="np")
+    enc = sft_data.Encoder(Processor.from_dir(out), max_length=BUCKET, max_label_tokens=MAX_LABELS)
+    item = enc(sft_data.Example(im, "Describe this image in detail.", caption))
+    ids = inputs["input_ids"][0]
+    eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    n = len(item["input_ids"])
+    # ChatML: labels end at <|im_end|>; the newline the template writes after it is not kept
+    np.testing.assert_array_equal(item["input_ids"], ids[:n])
+    assert ids[n - 1] == eos and n < len(ids) and proc.tokenizer.bos_token is None
+    assert proc.tokenizer.decode(ids[item["label_start"]:n - 1]) == caption
+    with torch.no_grad():
+        ref = hf(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
+    got = np.asarray(VLM(model, hf_config).logits(inputs["input_ids"], inputs["pixel_values"],
+                                                   inputs["image_sizes"], inputs["attention_mask"]))
+    assert max_rel_err(got, ref) <= TOL
