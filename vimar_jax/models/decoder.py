@@ -368,7 +368,8 @@ def _make_layer(c: DecoderConfig, dtype, masks, use_window, cos, sin, cache_inde
     if c.remat == "full":
         layer = jax.checkpoint(layer, prevent_cse=False)
     elif c.remat == "dots":
-        layer = jax.checkpoint(layer, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        layer = jax.checkpoint(layer, prevent_cse=False, policy=policy)
     return layer
 
 
