@@ -22,10 +22,17 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
+# The batch dim is split over 'fsdp' then 'data' (fsdp-major). With the data-major order ('data', 'fsdp') on
+# a mesh where data, fsdp and tensor are all > 1, XLA's SPMD partitioner (jax 0.10.2, Shardy and GSPMD alike)
+# miscompiles the standard MLP pattern `h + f(h @ up) @ down` (down [mlp->tensor, embed->fsdp], activations
+# [batch, embed->tensor]): it swaps row blocks between devices and silently returns wrong values. The
+# fsdp-major order computes the same thing and is exact (tests/test_sharding.py guards this).
+BATCH_AXES = ("fsdp", "data")
+
 # Logical names used by the models. Parameters: vocab, embed, heads, kv_heads, head_dim, mlp, layers,
 # norm, patch, pos, proj, value. Activations: activation_*.
 DEFAULT_RULES: Rules = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", "tensor"),
     ("activation_heads", "tensor"),
@@ -135,9 +142,6 @@ def state_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
 # ----------------------------------------------------------------------------------------------------------
 # Mesh from config, batch sharding, multi-host helpers.
 
-BATCH_AXES = ("data", "fsdp")
-
-
 def mesh_from_config(cfg, devices: Sequence | None = None) -> Mesh:
     """Mesh from a mapping/ConfigDict with `data`, `fsdp`, `tensor` (or a 3-tuple). At most one may be -1:
     it takes all remaining devices. Missing keys default to 1."""
@@ -166,19 +170,26 @@ def mesh_from_config(cfg, devices: Sequence | None = None) -> Mesh:
     return make_mesh(shape["data"], shape["fsdp"], shape["tensor"], devices=devices)
 
 
-def batch_spec(ndim: int = 1) -> P:
-    """Leading (batch) dim over ('data', 'fsdp'), the rest replicated."""
-    return P(BATCH_AXES, *([None] * (ndim - 1)))
+def batch_axes(rules: Rules = DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the batch dim is split over: the rules' `activation_batch` entry."""
+    target = dict(rules).get("activation_batch")
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """NamedSharding of a batch array: leading dim split over ('data', 'fsdp'), others replicated."""
-    return NamedSharding(mesh, batch_spec(ndim))
+def batch_spec(ndim: int = 1, rules: Rules = DEFAULT_RULES) -> P:
+    """Leading (batch) dim over `batch_axes(rules)` (fsdp × data by default), the rest replicated."""
+    axes = batch_axes(rules)
+    return P(axes or None, *([None] * (ndim - 1)))
 
 
-def batch_shard_count(mesh: Mesh) -> int:
-    """How many ways the batch dim is split (data × fsdp): a global batch must be a multiple of it."""
-    return int(mesh.shape["data"] * mesh.shape["fsdp"])
+def batch_sharding(mesh: Mesh, ndim: int = 1, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """NamedSharding of a batch array: leading dim split over `batch_axes(rules)`, others replicated."""
+    return NamedSharding(mesh, batch_spec(ndim, rules))
+
+
+def batch_shard_count(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways the batch dim is split (data × fsdp by default): a global batch must be a multiple."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(rules)]))
 
 
 def _multiprocess_env() -> bool:
@@ -213,10 +224,11 @@ def initialize_distributed(force: bool = False) -> bool:
     return True
 
 
-def host_local_batch_to_global(batch, mesh: Mesh):
+def host_local_batch_to_global(batch, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """Per-host numpy batch (pytree, leading dim = this host's share) -> global jax Arrays sharded over
-    ('data', 'fsdp') on dim 0 (`jax.make_array_from_process_local_data`). Single host: local = global."""
-    n = batch_shard_count(mesh)
+    `batch_axes(rules)` on dim 0 (`jax.make_array_from_process_local_data`: the host's rows are its devices' row blocks
+    in global order, contiguous or not). Single host: local = global."""
+    n = batch_shard_count(mesh, rules)
 
     def one(x):
         x = np.asarray(x)
@@ -225,7 +237,7 @@ def host_local_batch_to_global(batch, mesh: Mesh):
         global_rows = x.shape[0] * jax.process_count()
         if global_rows % n:
             raise ValueError(f"global batch {global_rows} (local {x.shape[0]} x {jax.process_count()} "
-                             f"processes) is not divisible by data*fsdp = {n}")
-        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+                             f"processes) is not divisible by the {n} batch shards {batch_axes(rules)}")
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, rules), x)
 
     return jax.tree.map(one, batch)
