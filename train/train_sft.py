@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -45,7 +44,6 @@ from vimar_jax.convert import io as ckpt_io
 from vimar_jax.data import scenes as S
 from vimar_jax.data import sft_data
 from vimar_jax.data import tiny_tokenizer
-from vimar_jax.decode.sampler import Sampler, Settings, Start, decoder_step_fn
 from vimar_jax.models import llava_next as ln
 from vimar_jax.processor import Processor
 
@@ -129,9 +127,10 @@ def scratch_hf_config(model_cfg, clip_config: dict, processor: Processor) -> dic
             "dtype": "float32"}
 
 
-def init_from_scratch(config, assets: str) -> tuple[ln.LlavaNext, dict]:
-    """(policy, HF config): random projector/decoder, vision tower copied from the CLIP at `config.clip`;
-    writes the tokenizer/processor files into `assets`."""
+def init_from_scratch(config, assets: str):
+    """(factory, HF config) of a new policy: `factory(rngs)` builds it with a random projector and decoder and
+    the vision tower of the CLIP at `config.clip` (jit-friendly: the trainer initialises it in one compiled
+    call). Writes the tokenizer/processor files into `assets`."""
     if not config.clip:
         raise ValueError("training from scratch needs the CLIP directory (--clip DIR or --config.clip=DIR)")
     clip, clip_hf = ckpt_io.load_module(config.clip)
@@ -143,9 +142,13 @@ def init_from_scratch(config, assets: str) -> tuple[ln.LlavaNext, dict]:
                  pinpoints=parse_pinpoints(config.model.pinpoints, S_))
     hf = scratch_hf_config(config.model, clip_hf, Processor.from_dir(assets))
     cfg = ln.LlavaNextConfig.from_hf(hf, remat=config.model.remat)
-    model = ln.LlavaNext(cfg, rngs=nnx.Rngs(int(config.seed)))
-    nnx.update(model.vision, nnx.state(clip.vision, nnx.Param))
-    return model, hf
+    tower = nnx.state(clip.vision, nnx.Param)
+
+    def factory(rngs: nnx.Rngs) -> ln.LlavaNext:
+        model = ln.LlavaNext(cfg, rngs=rngs)
+        nnx.update(model.vision, tower)
+        return model
+    return factory, hf
 
 
 def init_from_checkpoint(config, mesh) -> tuple[ln.LlavaNext, dict]:
@@ -242,71 +245,49 @@ def save_hf(model: ln.LlavaNext, hf_config: dict, assets: str, out: str, *, dtyp
 
 # ------------------------------------------------------------------------------------------- captioning
 
-class GreedyCaptioner:
-    """Greedy captions from a LLaVA-NeXT module: one jitted prefill of right-padded prompts (with images),
-    then the shared sampler's decode loop (temperature 0) over the decoder. Fixed batch size and prompt
-    bucket, so every call reuses the same two compilations."""
+def greedy_captions(vlm, images: Sequence, prompt: str, *, batch_size: int, max_new_tokens: int
+                    ) -> tuple[list[str], list[bool]]:
+    """Greedy captions of `images` under one detail prompt with `vimar_jax.vlm.VLM.generate` (the shared
+    sampler), and whether each ended with EOS; batches are padded to `batch_size` rows so that calls reuse
+    the compilations."""
+    from vimar_jax.decode.sampler import Finish
 
-    def __init__(self, model: ln.LlavaNext, encoder: sft_data.Encoder, *, batch_size: int, max_new_tokens: int,
-                 prompt_buckets: Sequence[int]):
-        self.encoder, self.batch_size, self.max_new = encoder, int(batch_size), int(max_new_tokens)
-        self.prompt_buckets = tuple(prompt_buckets)
-        graphdef, self.state = nnx.split(model)
-        dec_graphdef, self.dec_state = nnx.split(model.decoder)
-        self.text_config = model.config.text
-        self.sampler = Sampler(decoder_step_fn(dec_graphdef), pad_id=encoder.pad_id)
-
-        def prefill(state, ids, pixel_values, gather_index, lengths, cache):
-            m = nnx.merge(graphdef, state)
-            iota = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
-            positions = jnp.where(iota < lengths[:, None], iota, -1)
-            hidden, cache = m(ids, pixel_values, None, gather_index, positions, cache=cache, cache_index=0)
-            last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-            logits = m.logits(last)[:, 0]
-            last_tok = jnp.take_along_axis(ids, (lengths - 1)[:, None], axis=1)[:, 0]
-            return Start(logits, lengths, last_tok, jnp.asarray(ids.shape[1], jnp.int32)), cache
-
-        self._prefill = jax.jit(prefill, donate_argnums=(5,))
-
-    def __call__(self, images: Sequence, prompts: Sequence[str]) -> list[str]:
-        from vimar_jax.models.decoder import KVCache
-
-        out: list[str] = []
-        B = self.batch_size
-        enc = self.encoder
-        for s in range(0, len(images), B):
-            chunk = [enc.encode_prompt(im, p) for im, p in zip(images[s:s + B], prompts[s:s + B])]
-            n = len(chunk)
-            chunk += [chunk[-1]] * (B - n)
-            batch = sft_data.collate(chunk, length_buckets=self.prompt_buckets, max_label_tokens=1,
-                                     pad_id=enc.pad_id, image_config=enc.processor.image_config,
-                                     image_token_id=enc.processor.image_token_id)
-            lengths = np.asarray([len(c["input_ids"]) for c in chunk], np.int32)
-            T = batch["input_ids"].shape[1]
-            cache = KVCache.init(self.text_config, B, T + self.max_new)
-            start, cache = self._prefill(self.state, batch["input_ids"], batch["pixel_values"],
-                                         batch["gather_index"], lengths, cache)
-            settings = Settings.make(B, temperature=0.0, max_new_tokens=self.max_new, eos_ids=[enc.eos_id])
-            res = self.sampler.decode(self.dec_state, start, cache, settings, jax.random.PRNGKey(0),
-                                      buffer_size=self.max_new)
-            toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
-            out += [enc.tok.decode(toks[b, :lens[b]]).strip() for b in range(n)]
-        return out
+    proc = vlm.processor
+    head = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                                    add_generation_prompt=True)
+    bos = proc.tokenizer.bos_token
+    add_special = not (bos and head.startswith(bos))
+    eos = proc.tokenizer.eos_token_id
+    out: list[str] = []
+    ended: list[bool] = []
+    for s in range(0, len(images), batch_size):
+        chunk = list(images[s:s + batch_size])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n)
+        inputs = proc(chunk, [head] * len(chunk), add_special_tokens=add_special)
+        res = vlm.generate(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
+                           inputs["attention_mask"], max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=[eos])
+        toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
+        out += [proc.decode(toks[b, :lens[b]]).strip() for b in range(n)]
+        ended += [bool(r == Finish.EOS) for r in np.asarray(res.reason)[:n]]
+    return out, ended
 
 
-def evaluate_scenes(model: ln.LlavaNext, encoder: sft_data.Encoder, eval_cfg, prompt_buckets) -> dict:
+def evaluate_scenes(policy: ln.LlavaNext, hf_dir: str, eval_cfg) -> dict:
     """Greedy captions of held-out scenes (stream `eval_cfg.seed`) under `eval_cfg.prompt`; tiny-world CHAIR."""
     from vimar_jax.eval.chair import tiny_chair
+    from vimar_jax.vlm import VLM
 
     t0 = time.perf_counter()
     scenes = S.scenes(int(eval_cfg.seed), int(eval_cfg.num_scenes))
-    captioner = GreedyCaptioner(model, encoder, batch_size=int(eval_cfg.batch_size),
-                                max_new_tokens=int(eval_cfg.max_new_tokens), prompt_buckets=prompt_buckets)
-    caps = captioner([S.render(s) for s in scenes], [eval_cfg.prompt] * len(scenes))
+    with open(os.path.join(hf_dir, ckpt_io.CONFIG_JSON), encoding="utf-8") as f:
+        vlm = VLM(policy, json.load(f), hf_dir)
+    caps, ended = greedy_captions(vlm, [S.render(s) for s in scenes], eval_cfg.prompt,
+                           batch_size=int(eval_cfg.batch_size), max_new_tokens=int(eval_cfg.max_new_tokens))
     chair = tiny_chair(zip(caps, scenes))
-    ends = sum(c.endswith(".") for c in caps)
     return {"seed": int(eval_cfg.seed), "prompt": eval_cfg.prompt, "chair": chair,
-            "finished_fraction": ends / max(len(caps), 1), "seconds": time.perf_counter() - t0,
+            "eos_fraction": sum(ended) / max(len(ended), 1),
+            "seconds": time.perf_counter() - t0,
             "samples": [{"scene": i, "objects": [f"{o.size} {o.color} {o.shape} @ {o.position}" for o in sc.objects],
                          "caption": c} for i, (sc, c) in enumerate(zip(scenes[:8], caps[:8]))]}
 
@@ -365,7 +346,7 @@ def train_sft(config, workdir: str) -> tuple[trainer.TrainState, dict]:
     else:
         assets = os.path.join(workdir, "assets")
         os.makedirs(assets, exist_ok=True)
-        model, hf = init_from_scratch(config, assets)
+        model, hf = init_from_scratch(config, assets)   # a factory: initialised inside the trainer's jit
     processor = Processor.from_dir(assets)
     d = config.data
     buckets = tuple(int(b) for b in d.length_buckets)
@@ -406,7 +387,7 @@ def train_sft(config, workdir: str) -> tuple[trainer.TrainState, dict]:
             max_shard_bytes=int(config.max_shard_bytes))
     summary["wall_time_s"]["save"] = time.perf_counter() - t0
     if config.eval.enabled and d.source == "scenes":
-        summary["heldout"] = evaluate_scenes(policy, encoder, config.eval, buckets)
+        summary["heldout"] = evaluate_scenes(policy, os.path.join(workdir, "hf"), config.eval)
         summary["wall_time_s"]["eval"] = summary["heldout"]["seconds"]
     summary["wall_time_s"]["total"] = time.perf_counter() - t_start
     if jax.process_index() == 0:
