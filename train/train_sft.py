@@ -154,12 +154,9 @@ def init_from_scratch(config, assets: str):
 def init_from_checkpoint(config, mesh) -> tuple[ln.LlavaNext, dict]:
     """(policy, HF config) of the LLaVA-NeXT directory `config.init`, each parameter placed on its sharding."""
     module, hf = ckpt_io.load_module(config.init, mesh=mesh)
-    if isinstance(module, ln.LlavaNext):
-        pass
-    elif hasattr(module, "backbone") and isinstance(module.backbone, ln.LlavaNext):
-        raise ValueError(f"{config.init} is a value model, not a policy")
-    else:
-        raise ValueError(f"{config.init}: config.json model_type {hf.get('model_type')!r} is not LLaVA-NeXT")
+    if not isinstance(module, ln.LlavaNext):
+        what = "a value model" if "vimar_value" in hf else f"model_type {hf.get('model_type')!r}"
+        raise ValueError(f"{config.init}: config.json describes {what}, not a LLaVA-NeXT policy")
     remat = config.model.remat
     if remat != "none":  # same parameters, a graph with rematerialised layers
         c = module.config
@@ -198,7 +195,7 @@ def _host(x: jax.Array) -> np.ndarray:
 
 
 def save_hf(model: ln.LlavaNext, hf_config: dict, assets: str, out: str, *, dtype: str = "float32",
-            max_shard_bytes: int = 5 * 10**9, extra: dict | None = None) -> None:
+            max_shard_bytes: int = 5 * 10**9) -> None:
     """Write `out` as an HF LLaVA-NeXT directory: config.json, model.safetensors (or shards + index) in the
     llava-hf key layout from our parameters (one tensor at a time), the files of `assets` (tokenizer,
     processor, chat template, generation config). Appears complete or not at all; process 0 writes."""
@@ -222,6 +219,8 @@ def save_hf(model: ln.LlavaNext, hf_config: dict, assets: str, out: str, *, dtyp
     groups = ckpt_io.plan_shards([t.nbytes for t in tensors], int(max_shard_bytes))
     names = ckpt_io.shard_names(len(groups))
     config = {**hf_config, "dtype": dtype}
+    if "torch_dtype" in config:  # transformers 4.x name of the field
+        config["torch_dtype"] = dtype
     if jax.process_index() != 0:  # the others only take part in the gathers, in the same order
         for t in tensors:
             t.produce()
@@ -239,8 +238,6 @@ def save_hf(model: ln.LlavaNext, hf_config: dict, assets: str, out: str, *, dtyp
             if os.path.isfile(src) and (name in ASSET_FILES or name.startswith("tokenizer")
                                         or name.startswith("chat_template") or name == "added_tokens.json"):
                 shutil.copy2(src, tmp / name)
-        for k, v in (extra or {}).items():
-            _write_json(tmp / k, v)
 
 
 # ------------------------------------------------------------------------------------------- captioning
