@@ -62,3 +62,18 @@ def test_gpu_bench_smoke(tmp_path):
         assert hf[key] > 0, key
     assert ours["greedy_tokens_equal"]       # shared-prefix and own-cache decoding give the same greedy tokens
     assert ours["td_layers"] == res["shapes"]["layers"]
+
+
+def test_train_cpu_smoke():
+    out = run_bench("train_cpu.py")
+    rows = {r[0]: r for r in table_rows(out)}
+    for key in ("step time (s)", "transitions/s", "state tokens/s", "tokens computed per step",
+                "images through the tower per step", "images/s", "generated tokens/s", "sentences/s"):
+        assert key in rows, key
+    packed, unpacked, r = numbers(rows["transitions/s"])[:3]
+    assert packed > 0 and unpacked > 0 and r == pytest.approx(packed / unpacked, rel=0.02)
+    # Both layouts value the same transitions: the first step's losses agree.
+    line = next(x for x in out.splitlines() if "first-step loss" in x)
+    a, b = (float(x) for x in line.split("first-step loss packed ")[1].split(" / unpacked "))
+    assert a == pytest.approx(b, rel=1e-4)
+    assert numbers(rows["tokens computed per step"])[2] > 1      # packing computes fewer tokens
