@@ -1,4 +1,14 @@
-"""`vimar eval`: evaluation sub-verbs (`vimar eval chair CAPTIONS.jsonl --annotations instances.json`)."""
+"""`vimar eval`: evaluation verbs.
+
+    vimar eval chair CAPTIONS.jsonl (--annotations instances.json | --scenes scenes.jsonl) [--json OUT]
+    vimar eval --n N [--seed 1000] [--methods greedy,bon,clip-search,visvm,vimar] [--json OUT]
+               [--policy DIR --value DIR --clip DIR] [search flags]
+    vimar eval tiny --n N ...          (the same tiny-world run, spelled as a sub-verb)
+
+The tiny-world run captions held-out scenes with each method (the shipped tiny models unless directories
+are given) and writes `{method: {chair_i, chair_s, recall, sentences, seconds_per_caption,
+tokens_per_caption, attr_chair_i, ...}}` (`vimar_jax.eval.tiny_eval`).
+"""
 
 from __future__ import annotations
 
@@ -24,10 +34,83 @@ _ROWS = (  # (key, label, is a rate)
     ("n_objects", "ground-truth objects", False),
     ("n_unknown_images", "skipped (unknown image id)", False),
 )
+DEFAULT_SEED = 1000            # held out (configs/tiny_world.py: seeds >= 1000 are never trained on)
+DEFAULT_METHODS = "greedy,bon,clip-search,visvm,vimar"
+
+
+# ------------------------------------------------------------------------------------------- arguments
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", help="policy checkpoint dir (HF or converted); default: the shipped tiny policy")
+    p.add_argument("--value", help="value model dir; default: the shipped tiny value model")
+    p.add_argument("--clip", help="CLIP dir; default: the shipped tiny CLIP")
+    p.add_argument("--prompt", default=None, help="detail prompt (default: 'Describe this image in detail.')")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    """The search flags shared by `vimar eval` and `vimar demo` (defaults: `SearchConfig`'s)."""
+    from vimar_jax.decode.search import CAPTION_SCORES, STAGE2_MODES
+
+    g = p.add_argument_group("search")
+    g.add_argument("--temperatures", default=None, help="comma-separated, e.g. 0.1,0.3,0.5,0.7,0.9 (N)")
+    g.add_argument("--samples-per-temperature", "-k", type=int, default=None, help="K samples per temperature")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--theta", type=float, default=None, help="weak-sentence threshold (default: stored stats)")
+    g.add_argument("--stage2", choices=STAGE2_MODES, default=None)
+    g.add_argument("--caption-score", choices=CAPTION_SCORES, default=None)
+    g.add_argument("--bon-scorer", choices=("clip", "value"), default=None, help="best-of-N scorer of 'bon'")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--max-sentences", type=int, default=None, help="cap of step search")
+    g.add_argument("--search-seed", type=int, default=0, help="sampling seed of the searches")
+
+
+def search_config(args):
+    """`SearchConfig` from the search flags (unset flags keep the defaults)."""
+    from vimar_jax.decode.search import SearchConfig
+
+    kw = {"seed": args.search_seed}
+    if args.temperatures:
+        try:
+            kw["temperatures"] = tuple(float(t) for t in args.temperatures.split(",") if t.strip())
+        except ValueError:
+            raise ValueError(f"--temperatures {args.temperatures!r}: expected comma-separated numbers") from None
+    for name in ("samples_per_temperature", "top_p", "theta", "stage2", "caption_score", "bon_scorer",
+                 "max_new_tokens", "max_sentences"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    return SearchConfig(**kw)
+
+
+def build_engine_for(args, methods):
+    """The engine of the models the methods need (shipped tiny models where no directory is given)."""
+    from vimar_jax import pipeline
+    from vimar_jax.eval.tiny_eval import needs
+
+    cfg = search_config(args)
+    need_value, need_clip = needs(methods, cfg.bon_scorer)
+    return pipeline.build_engine(policy=args.policy, value=args.value if need_value else False,
+                                 clip=args.clip if need_clip else False, config=cfg, dtype=args.dtype)
+
+
+def _add_tiny_arguments(p: argparse.ArgumentParser, *, n_required: bool) -> None:
+    p.add_argument("--n", type=int, required=n_required, default=None, help="number of held-out scenes")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"scene stream (default {DEFAULT_SEED}; never a training seed)")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated (default {DEFAULT_METHODS}; also bon-clip, bon-value)")
+    p.add_argument("--json", dest="json_out", metavar="OUT", help="write {method: metrics} here")
+    p.add_argument("--no-warmup", action="store_true", help="count the first (compiling) caption in the timings")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_model_arguments(p)
+    add_search_arguments(p)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="eval_verb", metavar="METRIC", required=True)
+    parser.epilog = "Tiny world: `vimar eval --n N ...` (or `vimar eval tiny --n N ...`)."
+    _add_tiny_arguments(parser, n_required=False)
+    sub = parser.add_subparsers(dest="eval_verb", metavar="METRIC")
     p = sub.add_parser("chair", help="CHAIR_S / CHAIR_I / recall of captions (COCO or tiny world)",
                        description="CHAIR of a captions JSONL file ({\"image_id\": ..., \"caption\": ...} or "
                                    "{\"image\": \"path/000000123.jpg\", \"caption\": ...} per line).")
@@ -36,7 +119,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gt.add_argument("--annotations", help="COCO instances JSON (images, annotations, categories)")
     gt.add_argument("--scenes", help="tiny-world ground truth: JSONL of scenes (vimar_jax.data.scenes.save_scenes)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="also write the metrics to this JSON file")
+    t = sub.add_parser("tiny", help="caption held-out tiny-world scenes with each search; CHAIR and cost",
+                       description="Caption held-out tiny-world scenes with each method; CHAIR, recall, cost.")
+    _add_tiny_arguments(t, n_required=True)
 
+
+# ------------------------------------------------------------------------------------------------- chair
 
 def format_table(result: dict) -> str:
     lines = [f"CHAIR ({result.get('setting', '?')})"]
@@ -67,7 +155,38 @@ def run_chair(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------- tiny
+
+def run_tiny(args: argparse.Namespace) -> int:
+    from vimar_jax.eval import tiny_eval
+
+    try:
+        methods = tiny_eval.parse_methods(args.methods)
+        if args.n is None or args.n < 1:
+            raise ValueError(f"--n must be >= 1, got {args.n}")
+        engine = build_engine_for(args, methods)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vimar eval: error: {e}", file=sys.stderr)
+        return 2
+    results = tiny_eval.evaluate(engine, methods, n=args.n, seed=args.seed,
+                                 prompt=args.prompt or tiny_eval.DEFAULT_PROMPT, warmup=not args.no_warmup,
+                                 show_progress=not args.quiet)
+    print(f"tiny world: {args.n} scenes of seed {args.seed}")
+    print(tiny_eval.format_table(results))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.eval_verb == "chair":
+    verb = getattr(args, "eval_verb", None)
+    if verb == "chair":
         return run_chair(args)
-    raise ValueError(f"unknown eval metric {args.eval_verb!r}")
+    if verb == "tiny" or (verb is None and args.n is not None):
+        return run_tiny(args)
+    print("vimar eval: give a metric (`vimar eval chair CAPTIONS.jsonl ...`) or a tiny-world run "
+          "(`vimar eval --n N ...`)", file=sys.stderr)
+    return 2
