@@ -14,7 +14,8 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "convert": ("vimar_jax.convert.cli", "convert a Hugging Face checkpoint to vimar's layout (or back)"),
     "caption": ("vimar_jax.caption_cli", "caption images with greedy, best-of-N, step search or ViMaR"),
-    "eval": ("vimar_jax.eval.cli", "evaluation metrics (CHAIR)"),
+    "eval": ("vimar_jax.eval.cli", "evaluation: CHAIR of caption files; tiny-world runs of every search (--n N)"),
+    "demo": ("vimar_jax.demo", "caption a few tiny-world scenes with greedy, VisVM and ViMaR: values, CHAIR, HTML"),
 }
 
 
