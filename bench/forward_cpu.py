@@ -4,8 +4,8 @@
 
 Both models get identical weights and identical processor-style arrays (a batch of images of different sizes
 and aspect ratios, right-padded prompts). Warm-up (compilation) is excluded; each side is timed `--repeats`
-times and the median is reported (the contenders take turns), with the ratio HF / ours (> 1: ours is faster) and the logits' max relative
-error as a sanity check. Ours is timed end to end (`VLM.logits`: host-side gather index, positions, bucketing,
+times, taking turns, and the median is reported, with the ratio HF / ours (> 1: ours is faster) and the
+logits' max relative error as a sanity check. Ours is timed end to end (`VLM.logits`: host-side gather index, positions, bucketing,
 transfer, jitted forward) and the jitted forward alone.
 """
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         vlm.logits(*arrays).block_until_ready()
 
     def run_ours_jit():
-        _logits_fn(vlm._graphdef, vlm._state, *device_args).block_until_ready()
+        _logits_fn(vlm._graphdef, None, vlm._state, *device_args).block_until_ready()
 
     def run_hf():
         with torch.inference_mode():

@@ -371,3 +371,18 @@ def test_greedy_generate_matches_hf_generate():
         n = lengths[b]
         assert 1 <= n <= new and np.array_equal(tokens[b, :n], ref[b, :n])
         assert n == new or ref[b, n - 1] == 2
+
+
+def test_sharded_load_and_forward(saved_dirs):
+    """On a (data 2, fsdp 2, tensor 2) mesh of CPU devices: parameters placed by their logical axes,
+    activations constrained, same logits."""
+    from vimar_jax.sharding import make_mesh
+
+    name = "mistral_gqa2"
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    vlm = load_vlm(saved_dirs["saved"], mesh=mesh)
+    kernel = vlm.module.decoder.layers.q_proj[...]
+    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+    inputs = batch(name, IMAGE_HW[:4], TEXTS[:4])
+    ours = vlm.logits(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], inputs["attention_mask"])
+    assert valid_err(ours, hf_logits(hf_model(name), inputs), inputs["attention_mask"]) <= TOL

@@ -15,6 +15,7 @@ Both take exactly the arrays HF's `LlavaNextProcessor` (or our `Processor`) retu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from flax import nnx
 from vimar_jax.models.decoder import KVCache
 from vimar_jax.models.llava_next import LlavaNext, LlavaNextConfig
 from vimar_jax.models.value import ValueConfig, ValueModel
+from vimar_jax.sharding import DEFAULT_RULES, use_rules
 
 
 def bucket_length(n: int, bucket: str | int = "pow2", minimum: int = 16) -> int:
@@ -43,8 +45,11 @@ class _Base:
     """Shared host-side preparation of processor arrays for a LLaVA-NeXT-backed model."""
 
     def __init__(self, path: str | Path | None, llava: LlavaNextConfig, hf_config: dict, *,
-                 length_bucket: str | int = "pow2", pad_token_id: int | None = None):
+                 length_bucket: str | int = "pow2", pad_token_id: int | None = None, mesh=None,
+                 rules=DEFAULT_RULES):
         self.path = None if path is None else Path(path)
+        # (mesh, rules) under which activations are constrained; a static argument of the jitted functions.
+        self._ctx = None if mesh is None else (mesh, tuple(rules))
         self.llava_config = llava
         self.hf_config = hf_config
         self.length_bucket = length_bucket
@@ -110,29 +115,36 @@ class _Base:
         return out
 
 
-# One jitted function per task, keyed by the module's (hashable) graph definition: models of the same
-# architecture share compilations, whichever `VLM` / `Value` object runs them.
-@functools.partial(jax.jit, static_argnums=0)
-def _logits_fn(graphdef, state, ids, pixel_values, gather_index, positions, segment_ids):
-    m = nnx.merge(graphdef, state)
-    h, _ = m(ids, pixel_values, None, gather_index, positions, segment_ids)
-    return m.logits(h)
+def _rules(ctx):
+    return contextlib.nullcontext() if ctx is None else use_rules(*ctx)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def _prefill_fn(graphdef, state, ids, pixel_values, gather_index, positions, last_index, cache_len):
+# One jitted function per task, keyed by the module's (hashable) graph definition and the sharding context:
+# models of the same architecture share compilations, whichever `VLM` / `Value` object runs them.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _logits_fn(graphdef, ctx, state, ids, pixel_values, gather_index, positions, segment_ids):
+    with _rules(ctx):
+        m = nnx.merge(graphdef, state)
+        h, _ = m(ids, pixel_values, None, gather_index, positions, segment_ids)
+        return m.logits(h)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 8))
+def _prefill_fn(graphdef, ctx, state, ids, pixel_values, gather_index, positions, last_index, cache_len):
     """Prompts (with images) into a fresh per-row cache of `cache_len` slots -> (last-token logits, cache)."""
-    m = nnx.merge(graphdef, state)
-    cache = KVCache.init(m.config.text, ids.shape[0], cache_len, m.dtype)
-    h, cache = m(ids, pixel_values, None, gather_index, positions, cache=cache, cache_index=0)
-    last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)
-    return m.logits(last)[:, 0], cache
+    with _rules(ctx):
+        m = nnx.merge(graphdef, state)
+        cache = KVCache.init(m.config.text, ids.shape[0], cache_len, m.dtype)
+        h, cache = m(ids, pixel_values, None, gather_index, positions, cache=cache, cache_index=0)
+        last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)
+        return m.logits(last)[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _values_fn(graphdef, state, ids, pixel_values, gather_index, positions, segment_ids, query_index):
-    m = nnx.merge(graphdef, state)
-    return m.values(ids, pixel_values, None, gather_index, positions, segment_ids, query_index=query_index)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _values_fn(graphdef, ctx, state, ids, pixel_values, gather_index, positions, segment_ids, query_index):
+    with _rules(ctx):
+        m = nnx.merge(graphdef, state)
+        return m.values(ids, pixel_values, None, gather_index, positions, segment_ids, query_index=query_index)
 
 
 def _forward_args(prep: dict):
@@ -158,7 +170,7 @@ class VLM(_Base):
     def logits(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> jax.Array:
         """float32 logits [B, T, V] for HF processor arrays (values at padded positions are meaningless)."""
         prep = self.prepare(input_ids, pixel_values, image_sizes, attention_mask)
-        out = _logits_fn(self._graphdef, self._state, *_forward_args(prep))
+        out = _logits_fn(self._graphdef, self._ctx, self._state, *_forward_args(prep))
         return out[:, :prep["length"]]
 
     def prefill(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *, extra_slots: int):
@@ -174,8 +186,8 @@ class VLM(_Base):
         ids, pv, gidx, positions, _ = _forward_args(prep)
         positions = jnp.where(jnp.asarray(valid), positions, -1)
         Tb = prep["input_ids"].shape[1]
-        logits, cache = _prefill_fn(self._graphdef, self._state, ids, pv, gidx, positions, jnp.asarray(last),
-                                    Tb + int(extra_slots))
+        logits, cache = _prefill_fn(self._graphdef, self._ctx, self._state, ids, pv, gidx, positions,
+                                    jnp.asarray(last), Tb + int(extra_slots))
         rows = np.arange(valid.shape[0])
         start = Start(logits, jnp.asarray(valid.sum(axis=1), jnp.int32),
                       jnp.asarray(prep["input_ids"][rows, last], jnp.int32), jnp.asarray(Tb, jnp.int32))
@@ -204,7 +216,8 @@ class VLM(_Base):
                                  max_new_tokens=max_new_tokens, stop_after_sentences=stop_after_sentences,
                                  eos_ids=eos_ids)
         rng = jax.random.PRNGKey(rng) if isinstance(rng, (int, np.integer)) else rng
-        return self._samplers[key].decode(self._decoder_state, start, cache, settings, rng, buffer_size=buffer)
+        with _rules(self._ctx):
+            return self._samplers[key].decode(self._decoder_state, start, cache, settings, rng, buffer_size=buffer)
 
 
 class Value(_Base):
@@ -226,38 +239,42 @@ class Value(_Base):
             if not valid.any(axis=1).all():
                 raise ValueError("a row of attention_mask has no tokens")
             last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
-            return _values_fn(self._graphdef, self._state, *_forward_args(prep), jnp.asarray(last[:, None], jnp.int32))[:, 0]
+            query = jnp.asarray(last[:, None], jnp.int32)
+            return _values_fn(self._graphdef, self._ctx, self._state, *_forward_args(prep), query)[:, 0]
         q = np.asarray(query_index)
         if q.ndim != 2 or q.shape[0] != prep["input_ids"].shape[0]:
             raise ValueError(f"query_index must be [B, Q], got shape {q.shape}")
         if (q < 0).any() or (q >= prep["length"]).any():
             raise ValueError(f"query_index entries must be in [0, {prep['length']})")
-        return _values_fn(self._graphdef, self._state, *_forward_args(prep), jnp.asarray(q, jnp.int32))
+        return _values_fn(self._graphdef, self._ctx, self._state, *_forward_args(prep), jnp.asarray(q, jnp.int32))
 
 
-def load_vlm(path, dtype=jnp.float32, *, param_dtype=None, length_bucket: str | int = "pow2", mesh=None) -> VLM:
+def load_vlm(path, dtype=jnp.float32, *, param_dtype=None, length_bucket: str | int = "pow2", mesh=None,
+             rules=DEFAULT_RULES) -> VLM:
     """A LLaVA-NeXT checkpoint directory (HF, either key layout, or a `vimar convert` output) -> `VLM`.
 
-    A value-model directory also loads: its backbone is the VLM."""
+    With a `mesh`, parameters are placed by their logical axes under `rules` and activations are constrained
+    by the same rules. A value-model directory also loads: its backbone is the VLM."""
     from vimar_jax.convert.io import load_module
 
-    module, config = load_module(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    module, config = load_module(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     if isinstance(module, ValueModel):
         module = module.backbone
     if not isinstance(module, LlavaNext):
         raise ValueError(f"{path}: config.json model_type {config.get('model_type')!r} is not a LLaVA-NeXT model")
-    return VLM(module, config, path, length_bucket=length_bucket)
+    return VLM(module, config, path, length_bucket=length_bucket, mesh=mesh, rules=rules)
 
 
 def load_value(path, dtype=jnp.float32, *, param_dtype=None, length_bucket: str | int = "pow2",
-               mesh=None) -> Value:
-    """A value checkpoint directory (LLaVA-NeXT + `value_head.*` + `config.json["vimar_value"]`) -> `Value`."""
+               mesh=None, rules=DEFAULT_RULES) -> Value:
+    """A value checkpoint directory (LLaVA-NeXT + `value_head.*` + `config.json["vimar_value"]`) -> `Value`.
+    The value head stays float32 whatever `dtype` / `param_dtype`."""
     from vimar_jax.convert.io import load_module
 
-    module, config = load_module(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    module, config = load_module(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
     if not isinstance(module, ValueModel):
         raise ValueError(f"{path}: not a value checkpoint (config.json has no 'vimar_value' entry)")
-    return Value(module, config, path, length_bucket=length_bucket)
+    return Value(module, config, path, length_bucket=length_bucket, mesh=mesh, rules=rules)
 
 
 __all__ = ["VLM", "Value", "load_vlm", "load_value", "bucket_length", "ValueConfig"]
