@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU benchmark (installs nothing): bash bench/gpu.sh [--only SECTION] [--json FILE] ...
 # Runs bench/gpu_bench.py with the repository on PYTHONPATH. On the lent device machine, $OUT (if set)
-# receives the JSON of every number and the log.
+# receives the JSON of every number, the log and the optimized HLO of the decode / value / TD programs.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -19,6 +19,9 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="${JAX_PERSISTENT_CACHE_MIN_CO
 args=("$@")
 if [[ -n "${OUT:-}" && " $* " != *" --json "* ]]; then
   args+=(--json "$OUT/gpu_bench.json")
+fi
+if [[ -n "${OUT:-}" && " $* " != *" --dump-hlo "* ]]; then
+  args+=(--dump-hlo "$OUT")
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>/dev/null || true
 if [[ -n "${OUT:-}" ]]; then

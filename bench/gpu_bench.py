@@ -40,8 +40,9 @@ Sections (`--only`):
 - `clip`: CLIP-L/336 tower (to layer -2) + projector on 5 tiles (one 672x672 anyres image), ours vs HF.
 
 Every figure is the median of `--repeats` timed runs after one untimed warm-up (compilation). `--json`
-writes all numbers; `--dump-hlo DIR` writes the optimized HLO of the 30-candidate decode program and
-prints its large copies/transposes (what to look at when decode is slower than the bandwidth floor).
+writes all numbers; `--dump-hlo DIR` writes the optimized HLO of the candidates' decode loop, the value
+scoring call and the TD step (from the compilation cache: no extra compile) and prints their large copies,
+transposes and slices (what to look at when a figure is far from its floor).
 """
 
 from __future__ import annotations
@@ -214,12 +215,12 @@ def hf_in_child(args, sh: Shapes) -> dict:
 class Ours:
     """Our models and jitted pieces on the device, built lazily and freed between sections."""
 
-    def __init__(self, sh: Shapes, dtype_name: str, repeats: int):
+    def __init__(self, sh: Shapes, dtype_name: str, repeats: int, hlo_dir: str | None = None):
         import jax
         import jax.numpy as jnp
 
         self.jax, self.jnp = jax, jnp
-        self.sh, self.repeats = sh, repeats
+        self.sh, self.repeats, self.hlo_dir = sh, repeats, hlo_dir
         self.dtype = getattr(jnp, dtype_name)
         self.device = jax.devices()[0]
         self.results: dict = {}
@@ -336,7 +337,7 @@ class Ours:
             log(f"ours: {name} {N / t:.1f} tok/s end to end")
         self.results["greedy_tokens_equal"] = bool((shared().tokens == own().tokens).all())
 
-    def run_candidates(self, dump_hlo: str | None = None):
+    def run_candidates(self):
         s = self.sh
         C, N = s.candidates, s.new_tokens
         settings = self.settings(C, greedy=False, max_new_tokens=N)
@@ -351,31 +352,31 @@ class Ours:
         self.results["candidates_tok_s"] = C * N / t
         self.results["candidates_decode_tok_s"] = C * N / max(t - self.results.get("prefill_ms", 0) / 1e3, 1e-9)
         log(f"ours: {C} candidates {C * N / t:.1f} tok/s end to end")
-        if dump_hlo:
-            self.dump_decode_hlo(dump_hlo, settings)
+        if self.hlo_dir:
+            from vimar_jax.models.decoder import KVCache
 
-    def dump_decode_hlo(self, directory: str, settings):
-        """Optimized HLO of the C-row decode loop to DIR/decode_candidates.hlo.txt, and its large copies."""
-        import numpy as np
+            p = self.policy()
+            start, prefix = self.prompt_cache()
+            own = KVCache.init(p["cfg"], C, N, self.dtype)
+            self.dump("decode_candidates", p["sampler"]._decode, p["params"], start.broadcast(C), own, settings,
+                      self.jax.random.key(0), self.jnp.arange(C, dtype=self.jnp.int32), prefix, None, buffer_size=N)
 
-        from vimar_jax.models.decoder import KVCache
-
-        p, s = self.policy(), self.sh
-        start, prefix = self.prompt_cache()
-        own = KVCache.init(p["cfg"], s.candidates, s.new_tokens, self.dtype)
-        lowered = p["sampler"]._decode.lower(p["params"], start.broadcast(s.candidates), own, settings,
-                                             self.jax.random.key(0), self.jnp.arange(s.candidates), prefix, None,
-                                             buffer_size=s.new_tokens)
-        text = lowered.compile().as_text()
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "decode_candidates.hlo.txt")
+    def dump(self, name: str, jitted, *args, **kwargs) -> None:
+        """With `--dump-hlo DIR`: the optimized HLO of `jitted` at these arguments to DIR/NAME.hlo.txt (the
+        executable the timed calls used, taken from the compilation cache) and its large data movements."""
+        if not self.hlo_dir:
+            return
+        text = jitted.lower(*args, **kwargs).compile().as_text()
+        os.makedirs(self.hlo_dir, exist_ok=True)
+        path = os.path.join(self.hlo_dir, f"{name}.hlo.txt")
         with open(path, "w") as f:
             f.write(text)
-        moves = large_moves(text, min_bytes=int(np.prod([s.prompt, s.kv_heads, s.head_dim])) * 2 // 4)
-        self.results["decode_large_moves"] = moves
-        log(f"ours: wrote {path}; large copy/transpose/dynamic-update-slice ops in the decode program:")
-        for m in moves[:12]:
-            print(f"    {m['op']:<22} {m['shape']:<40} {m['mib']:9.2f} MiB  x{m['count']}", flush=True)
+        s = self.sh
+        moves = large_moves(text, min_bytes=s.prompt * s.kv_heads * s.head_dim // 2)
+        self.results[f"hlo_moves_{name}"] = moves
+        log(f"ours: wrote {path}; its largest copy / transpose / slice / dynamic-update-slice results:")
+        for m in moves[:10]:
+            print(f"    {m['op']:<22} {m['shape']:<40} {m['mib']:10.2f} MiB  x{m['count']}", flush=True)
 
     def value_model(self):
         if self._value is None:
@@ -451,7 +452,9 @@ class Ours:
                 assert int(sents.lengths[0]) == L
             return vprefix
 
-        self.sync(caption())
+        vprefix = self.sync(caption())
+        self.dump("value_score", v["score"], v["state"], states, vprefix)
+        del vprefix
         t = self.time(caption, max(1, self.repeats - 1))
         self.results["vimar_s"] = t
         self.results["vimar_model"] = dict(candidates=C, candidate_tokens=N, stage1_states=n_stage1,
@@ -556,8 +559,9 @@ class Ours:
 
         try:
             loss0 = float(run())
-            t = self.time(run)
             assert np.isfinite(loss0), loss0
+            self.dump("td_step", step, state[0], state[1], batch)
+            t = self.time(run)
         finally:
             self.free(state)
         n_params = n_run * layer_params(s)
@@ -584,12 +588,14 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* (copy|transpose|dynamic-update-slice)\(")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* (copy|transpose|slice|dynamic-update-slice)\(")
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 
 
 def large_moves(hlo_text: str, min_bytes: int) -> list[dict]:
-    """copy / transpose / dynamic-update-slice instructions (fused or not) producing >= min_bytes, grouped."""
+    """copy / transpose / slice / dynamic-update-slice instructions (fused or not) producing >= min_bytes,
+    grouped by op and shape, largest first. In a decode loop, a copy the size of a cache or a slice the size
+    of the weights is a pass over memory that the bandwidth floor does not count."""
     groups: dict = {}
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
@@ -665,7 +671,7 @@ def main(argv=None) -> int:
     p.add_argument("--td-remat", default="full", choices=("none", "full", "dots"))
     p.add_argument("--td-rows", type=int, default=None, help="packed rows per TD step")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
-    p.add_argument("--dump-hlo", default=None, help="write the optimized HLO of the candidates' decode here")
+    p.add_argument("--dump-hlo", default=None, help="write optimized HLO of decode / value / TD programs here")
     p.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sh = SMOKE if args.smoke else Shapes()
@@ -686,7 +692,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    ours = Ours(sh, args.dtype, args.repeats)
+    ours = Ours(sh, args.dtype, args.repeats, args.dump_hlo)
     log(f"jax {jax.__version__} on {ours.device.device_kind} ({ours.device.platform}); shapes "
         f"{'smoke' if args.smoke else '7B'}")
     if "prefill" in sections or "greedy" in sections or "candidates" in sections or "vimar" in sections:
@@ -694,7 +700,7 @@ def main(argv=None) -> int:
     if "greedy" in sections:
         ours.run_greedy()
     if "candidates" in sections:
-        ours.run_candidates(args.dump_hlo)
+        ours.run_candidates()
     if "vimar" in sections:
         ours.run_vimar()
     if "clip" in sections:
