@@ -241,20 +241,6 @@ class Encoder:
             raise ValueError(f"empty caption after tokenization: {caption!r}")
         return ids[:end + 1], len(head_ids)
 
-    def prompt_ids(self, prompt: str, image_hw: tuple[int, int]) -> list[int]:
-        """Token ids of the generation prompt (user turn + assistant header), image expanded."""
-        head, _ = self._rendered(prompt)
-        return self._ids(self.processor.expand_image_tokens([head], [image_hw])[0])
-
-    def encode_prompt(self, image, prompt: str) -> dict[str, Any]:
-        """Like `__call__` for a prompt alone (no labels: `label_start` = its length), for captioning."""
-        im = image if image.mode == "RGB" else image.convert("RGB")
-        hw = image_lib.image_size_hw(im)
-        ids = self.prompt_ids(prompt, hw)
-        return {"input_ids": np.asarray(ids, np.int32), "label_start": len(ids),
-                "pixel_values": image_lib.preprocess_anyres(im, self.processor.image_config).astype(np.float32),
-                "image_size": np.asarray(hw, np.int32), "truncated": False}
-
     def __call__(self, ex: Example) -> dict[str, Any]:
         try:
             im = ex.load_image()
