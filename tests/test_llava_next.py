@@ -386,3 +386,25 @@ def test_sharded_load_and_forward(saved_dirs):
     inputs = batch(name, IMAGE_HW[:4], TEXTS[:4])
     ours = vlm.logits(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], inputs["attention_mask"])
     assert valid_err(ours, hf_logits(hf_model(name), inputs), inputs["attention_mask"]) <= TOL
+
+
+def test_own_processor_feeds_vlm(saved_dirs, tmp_path):
+    """`VLM.processor` (ours, from the directory's tokenizer/preprocessor files) gives the same arrays as HF's
+    processor, hence the same logits."""
+    import shutil
+
+    name = "mistral_gqa2"
+    d = tmp_path / "with_processor"
+    shutil.copytree(saved_dirs["saved"], d)
+    proc = make_processor(CONFIGS[name]["pins"], CONFIGS[name]["side"])
+    proc.save_pretrained(d)
+    proc.image_processor.save_pretrained(d)
+    vlm = load_vlm(d)
+    ims, texts = images(IMAGE_HW), TEXTS[:len(IMAGE_HW)]
+    ours_in = vlm.processor(ims, texts)
+    ref_in = batch(name)
+    for k in ("input_ids", "attention_mask", "image_sizes"):
+        assert np.array_equal(ours_in[k], ref_in[k]), k
+    assert max_rel_err(ours_in["pixel_values"], ref_in["pixel_values"]) <= 1e-6
+    ours = vlm.logits(ours_in["input_ids"], ours_in["pixel_values"], ours_in["image_sizes"], ours_in["attention_mask"])
+    assert valid_err(ours, hf_logits(hf_model(name), ref_in), ref_in["attention_mask"]) <= TOL
