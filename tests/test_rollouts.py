@@ -95,3 +95,219 @@ def make_clip_dir(path, *, seed: int = 0) -> str:
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return make_policy_dir(root / "policy"), make_clip_dir(root / "clip")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def run_rollouts(models, out, source, *extra):
+    sys.path.insert(0, str(ROOT / "train"))
+    import gen_rollouts
+
+    policy, clip = models
+    argv = ["--policy", policy, "--clip", clip, "--source", source, "--out", str(out), "--max-new-tokens", "32",
+            "--progress", "off", *extra]
+    assert gen_rollouts.main(argv) == 0
+
+
+def records_by_grain(out):
+    """Every record of a rollout directory read through a grain MapDataset over `TransitionSource`."""
+    import grain
+
+    from vimar_jax.data.transitions import TransitionSource
+
+    src = TransitionSource(str(out))
+    return list(grain.MapDataset.source(src)), src
+
+
+def shard_files(out):
+    return sorted(p for p in os.listdir(out) if p.startswith("transitions-"))
+
+
+@pytest.fixture(scope="module")
+def tiny_rollouts(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_rollouts") / "out"
+    run_rollouts(models, out, "tiny:7:3", "--shards", "2", "--tau", "p17", "--seed", "3")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- tests
+
+def test_tiny_rollouts_records_and_rewards(models, tiny_rollouts):
+    """Records read back through grain: every group has the greedy + 4 sampled trajectories (those with a
+    sentence) and the ground-truth one; δ equals CLIP cosine computed here; τ = P17 of all rollout δ;
+    rewards are the margin reward (0.27 for ground truth)."""
+    from vimar_jax import text as text_lib
+    from vimar_jax.clip import load_clip
+    from vimar_jax.data import scenes as S
+    from vimar_jax.data import sources, transitions as tr
+
+    recs, src = records_by_grain(tiny_rollouts)
+    manifest = tr.read_manifest(str(tiny_rollouts))
+    c = manifest["counts"]
+    assert len(recs) == c["records"] == c["sentences"] > 0
+    assert c["images"] == 3 and c["skipped_images"] == 0 and c["groups"] == 3
+    assert set(shard_files(tiny_rollouts)) == {"transitions-00000-of-00002.array_record",
+                                               "transitions-00000-of-00002.json",
+                                               "transitions-00001-of-00002.array_record",
+                                               "transitions-00001-of-00002.json"}
+    # Ground truth: the scene's true caption, split into sentences, reward 0.27, temperature -1.
+    for i in range(3):
+        gt = [r for r in recs if r["group"] == str(i) and r["gt"]]
+        caption = S.caption(S.scene_at(7, i), np.random.default_rng([7, i, 53]), "detail")
+        assert [r["text"] for r in gt] == text_lib.split_sentences(caption)
+        assert all(r["reward"] == pytest.approx(0.27) and r["temperature"] == -1.0 and r["traj"] == 5 for r in gt)
+        assert [r["done"] for r in gt] == [False] * (len(gt) - 1) + [True]
+        assert all(r["image"] == f"tiny:7:{i}" for r in recs if r["group"] == str(i))
+    sampled = [r for r in recs if not r["gt"]]
+    assert sampled, "the tiny random policy wrote no sentence"
+    assert {r["temperature"] for r in sampled} <= {0.0, 0.2, 0.4, 0.6, 0.8}
+    # δ: recomputed with CLIP from the image reference and the sentence text.
+    clip = load_clip(models[1])
+    for r in recs[:12]:
+        img = sources.open_image(r["image"])
+        want = float(clip.embed_images([img])[0] @ clip.embed_texts([r["text"]])[0])
+        assert r["delta"] == pytest.approx(want, abs=2e-5)
+    # τ resolved over all rollout δ (ground truth excluded), rewards = margin(δ, τ).
+    tau = float(np.percentile([r["delta"] for r in sampled], 17))
+    assert manifest["reward"]["tau"] == pytest.approx(tau, abs=1e-6) and manifest["reward"]["tau_spec"] == "p17"
+    for r in sampled:
+        want = r["delta"] if r["delta"] >= tau else r["delta"] - tau
+        assert r["reward"] == pytest.approx(want, abs=1e-6)
+    assert manifest["delta_stats"]["count"] == len(sampled)
+    assert manifest["delta_stats"]["mean"] == pytest.approx(np.mean([r["delta"] for r in sampled]), abs=1e-6)
+
+
+def test_rollouts_equal_one_generate_call(models, tiny_rollouts):
+    """The sampled trajectories of an image are the sentences of one batched `generate` call (5 candidates,
+    one prompt prefill) with the image's seed; spans index its tokens."""
+    from vimar_jax.data import sources
+    from vimar_jax.decode.generate import generate
+    from vimar_jax.vlm import load_vlm
+
+    recs, _ = records_by_grain(tiny_rollouts)
+    item = sources.tiny_source(7, 3).items[1]
+    vlm = load_vlm(models[0])
+    proc = vlm.processor
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                  {"type": "text", "text": item.prompt}]}],
+                                    add_generation_prompt=True)
+    enc = proc(images=[item.load()], texts=[text])   # BOS added: the template does not write it
+    gen = generate(vlm, enc["input_ids"], enc["pixel_values"], enc["image_sizes"], enc["attention_mask"],
+                   max_new_tokens=32, temperature=[0, 0.2, 0.4, 0.6, 0.8], top_p=0.9, num_candidates=5,
+                   seed=(3 * 1_000_003 + 1) % (2**31 - 1))
+    for r in range(5):
+        ids = gen.tokens[r, :gen.lengths[r]]
+        want = [proc.tokenizer.decode(ids[a:b]).strip() for a, b in gen.sentence_spans(r)]
+        got = [x for x in recs if x["group"] == "1" and x["traj"] == r]
+        assert [x["text"] for x in got] == [w for w in want if w]
+        for x in got:
+            assert proc.tokenizer.decode(ids[x["span"][0]:x["span"][1]]).strip() == x["text"]
+
+
+def test_rerun_skips_finished_shards_and_rewrites_partial(models, tiny_rollouts, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_rollouts, out)
+    before = {f: (out / f).read_bytes() for f in shard_files(out)}
+    # Shard 1 "died": no index, no records, only a stale partial file.
+    for f in ("transitions-00001-of-00002.json", "transitions-00001-of-00002.array_record", "manifest.json"):
+        os.remove(out / f)
+    (out / "transitions-00001-of-00002.array_record.partial").write_bytes(b"torn")
+    mtime0 = os.stat(out / "transitions-00000-of-00002.array_record").st_mtime_ns
+    capsys.readouterr()
+    run_rollouts(models, out, "tiny:7:3", "--shards", "2", "--tau", "p17", "--seed", "3")
+    err = capsys.readouterr().err
+    assert "1 finished shard(s) skipped" in err
+    assert os.stat(out / "transitions-00000-of-00002.array_record").st_mtime_ns == mtime0
+    assert not (out / "transitions-00001-of-00002.array_record.partial").exists()
+    after = {f: (out / f).read_bytes() for f in shard_files(out)}
+    assert after["transitions-00001-of-00002.array_record"] == before["transitions-00001-of-00002.array_record"]
+    # A complete directory: everything skipped, nothing regenerated.
+    capsys.readouterr()
+    run_rollouts(models, out, "tiny:7:3", "--shards", "2", "--tau", "p17", "--seed", "3")
+    assert "2 finished shard(s) skipped" in capsys.readouterr().err
+    # Other settings on the same directory are refused, naming the setting.
+    with pytest.raises(SystemExit, match="temperatures"):
+        run_rollouts(models, out, "tiny:7:3", "--shards", "2", "--tau", "p17", "--seed", "3",
+                     "--temperatures", "0,0.5")
+
+
+def test_folder_and_jsonl_with_bad_images(models, tmp_path, capsys):
+    """A corrupt file and a dangling link in an image folder, a missing file in a JSON-lines source: each is
+    reported by name, skipped and counted; the good images are rolled out (the jsonl one with its caption)."""
+    from vimar_jax.data import scenes as S
+    from vimar_jax.data import transitions as tr
+
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    S.render(S.scene_at(9, 0)).save(folder / "a.png")
+    S.render(S.scene_at(9, 1)).save(folder / "sub" / "b.jpg")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    os.symlink(folder / "gone.png", folder / "missing.png")
+    capsys.readouterr()
+    out = tmp_path / "out_folder"
+    run_rollouts(models, out, f"folder:{folder}", "--shards", "3")
+    err = capsys.readouterr().err
+    assert "corrupt.jpg" in err and "missing.png" in err
+    m = tr.read_manifest(str(out))
+    assert m["counts"]["images"] == 2 and m["counts"]["skipped_images"] == 2
+    assert sorted(os.path.basename(s["name"]) for s in m["skipped"]) == ["corrupt.jpg", "missing.png"]
+    recs, _ = records_by_grain(out)
+    assert {r["image"] for r in recs} <= {"a.png", os.path.join("sub", "b.jpg")}
+    assert not any(r["gt"] for r in recs)
+
+    lines = [{"image": str(folder / "a.png"), "caption": "There is a red star. It is large."},
+             {"image": "nowhere.png", "prompt": "Describe the shapes in this picture and where they are."}]
+    jl = tmp_path / "items.jsonl"
+    jl.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out2 = tmp_path / "out_jsonl"
+    capsys.readouterr()
+    run_rollouts(models, out2, f"jsonl:{jl}")
+    assert "nowhere.png" in capsys.readouterr().err
+    m2 = tr.read_manifest(str(out2))
+    assert m2["counts"]["images"] == 1 and m2["counts"]["skipped_images"] == 1
+    recs2, _ = records_by_grain(out2)
+    assert [r["text"] for r in recs2 if r["gt"]] == ["There is a red star.", "It is large."]
+
+
+def test_record_schema_errors_name_the_field(tmp_path):
+    from vimar_jax.data import transitions as tr
+
+    good = tr.trajectory_records(image="x.png", image_hw=[10, 20], prompt="p", group="0", traj=0, temperature=0.0,
+                                 gt=False, sentences=["A b.", "C d."], spans=[[0, 3], [3, 6]], deltas=[0.1, 0.2])
+    assert [r["done"] for r in good] == [False, True]
+    bad = dict(good[0])
+    del bad["delta"]
+    with pytest.raises(tr.RecordError, match="delta"):
+        tr.encode(bad)
+    with pytest.raises(tr.RecordError, match="span"):
+        tr.encode({**good[0], "span": [1]})
+    with pytest.raises(tr.RecordError, match="done"):
+        tr.encode({**good[0], "done": True})
+    with pytest.raises(FileNotFoundError, match="no transitions"):
+        tr.shard_paths(str(tmp_path))
+    w = tr.ShardWriter(str(tmp_path), 0, 2)
+    w.write(good[0])
+    w.commit({"groups": []})
+    with pytest.raises(ValueError, match="not finished"):
+        tr.shard_paths(str(tmp_path))
+
+
+def test_coco_source_from_a_tfds_style_data_source():
+    """COCO records as `tfds.data_source` returns them: decoded uint8 image, reference captions as bytes."""
+    from vimar_jax.data import sources
+
+    rng = np.random.default_rng(0)
+    recs = [{"image": rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), "image/filename": b"0001.jpg",
+             "captions": {"id": np.array([1, 2]), "text": np.array([b"A cat on a mat", b"  a sleeping cat. "])}},
+            {"image": np.zeros((5, 5, 4), np.uint8), "image/filename": b"bad.jpg", "captions": {"text": []}}]
+    src = sources.coco_source("/unused", "val", data_source=recs, prompts="Describe.")
+    assert [it.ref for it in src.items] == ["coco:val:0", "coco:val:1"]
+    assert src.items[0].ground_truth() == "A cat on a mat. a sleeping cat."
+    assert np.array_equal(np.asarray(src.items[0].load()), recs[0]["image"])
+    with pytest.raises(sources.ImageError, match="coco:val:1"):
+        src.items[1].load()
+    assert np.array_equal(np.asarray(sources.open_image("coco:val:0", coco_source=recs)), recs[0]["image"])
+    with pytest.raises(ValueError, match="unknown kind"):
+        sources.parse_source("ftp:somewhere")

@@ -159,6 +159,7 @@ class Roller:
         """(records, counts) of one item."""
         from vimar_jax import text as text_lib
         from vimar_jax.decode.generate import generate
+        from vimar_jax.decode.sampler import Finish
 
         a = self.args
         text = self._prompt_text(item.prompt)
@@ -174,7 +175,7 @@ class Roller:
         for r in range(C):
             ids = gen.tokens[r, :gen.lengths[r]].tolist()
             texts, spans = self.sentences(ids, gen.sentence_spans(r))
-            budget += int(gen.finish_names()[r] in ("budget", "cache_full"))
+            budget += int(int(gen.reason[r]) in (Finish.BUDGET, Finish.CACHE_FULL))
             if texts:
                 trajs.append((r, self.temperatures[r], False, texts, spans))
         gt = item.ground_truth() if a.ground_truth == "auto" else None

@@ -463,14 +463,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    argv = list(sys.argv if argv is None else argv)
     fl = flags.FlagValues()
+    # `sys_argv`: config_flags finds the --config.KEY overrides there (default: the process's sys.argv).
     config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/tiny_value.py", flag_values=fl,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "run directory (resumable); the value model goes to WORKDIR/hf",
                         flag_values=fl)
     try:
-        fl(list(sys.argv if argv is None else argv))
-    except (flags.Error, KeyError, AttributeError) as e:
+        fl(argv)
+    except KeyError as e:   # ml_collections: an override of a key the recipe does not have
+        print(f"error: --config override of a key that does not exist: {e.args[0] if e.args else e}",
+              file=sys.stderr)
+        return 2
+    except (flags.Error, AttributeError, TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if fl.config is None:

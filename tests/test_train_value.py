@@ -1,0 +1,300 @@
+"""Value training: image-grouped packing equals states run alone, TD targets from the packed pass, a sharded
+train step equal to one device, and the end-to-end `train_value.py` command (metrics, checkpoints, value
+statistics, an HF value directory that `load_value` reads)."""
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.helpers import max_rel_err
+from tests.test_rollouts import make_clip_dir, make_policy_dir, run_rollouts
+from vimar_jax import sharding as shd
+from vimar_jax import td, trainer
+from vimar_jax.convert import io as ckpt_io
+from vimar_jax.data import packing, sources
+from vimar_jax.data import scenes as S
+from vimar_jax.models.value import ValueModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+GAMMA = 0.9
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    return make_policy_dir(tmp_path_factory.mktemp("policy") / "p", seed=1)
+
+
+@functools.cache
+def value_model(policy: str) -> ValueModel:
+    module, _ = ckpt_io.load_module(policy)
+    model = ValueModel.from_policy(module, value_layer=-2, rng=4)
+    model.value_head.kernel[...] = jax.random.normal(jax.random.key(5), model.value_head.kernel.shape) * 0.2
+    model.value_head.bias[...] = jnp.asarray([0.3])
+    return model
+
+
+def scene_groups(template, *, seeds=((11, 0), (11, 1)), rewards_seed=0):
+    """Two image groups: per scene, its true caption's sentences as one trajectory, a shuffled copy as a
+    second and the first two sentences as a third; random rewards."""
+    rng = np.random.default_rng(rewards_seed)
+    groups = []
+    for seed, i in seeds:
+        scene = S.scene_at(seed, i)
+        sents = S.caption_sentences(scene, np.random.default_rng([seed, i]), "detail")
+        trajs = [sents, list(rng.permutation(sents)), sents[:2]]
+        img = S.render(scene)
+        groups.append(packing.Group(f"{seed}/{i}", f"tiny:{seed}:{i}", (img.height, img.width), [
+            packing.Trajectory(t, template.suffix_ids(s), rng.normal(size=len(s)).astype(np.float32))
+            for t, s in enumerate(trajs)]))
+    return groups
+
+
+def build_batch(groups, template, *, seq_len, max_states, batch_rows=None):
+    rows, stats = packing.plan_rows(groups, template, seq_len=seq_len, max_states=max_states)
+    builder = packing.RowBuilder(groups, template, sources.open_image, seq_len=seq_len, max_states=max_states,
+                                 gamma=GAMMA)
+    batch = packing.collate([builder(r) for r in rows], batch_rows, builder.empty)
+    return rows, stats, batch
+
+
+def alone_values(model, template, groups, length: int) -> dict:
+    """{(group, traj): values [n]}: every state run alone as a plain causal sequence [prefix, suffix]
+    (right-padded to `length`, which a causal model ignores), valued at its last token; one jitted call
+    per image."""
+    fn = nnx.jit(lambda m, ids, pv, gi, q: m.values(ids, pv, None, gi, query_index=q))
+    cfg = template.processor.image_config
+    out = {}
+    for gi, g in enumerate(groups):
+        arrays = packing.image_arrays(sources.open_image(g.image), template.processor.image_config)
+        states = [(t, s) for t, traj in enumerate(g.trajectories) for s in traj.suffixes]
+        ids = np.zeros((len(states), length), np.int32)
+        last = np.zeros((len(states), 1), np.int32)
+        for k, (_, s) in enumerate(states):
+            x = np.concatenate([template.prefix_ids(g.image_hw), s])
+            ids[k, :len(x)], last[k, 0] = x, len(x) - 1
+        n = len(states)
+        v = np.asarray(fn(model, jnp.asarray(ids), jnp.asarray(np.repeat(arrays["pixel_values"][None], n, 0)),
+                          packing.batch_gather_index(jnp.asarray(np.repeat(arrays["gather_index"][None], n, 0)),
+                                                     cfg.max_num_patches, cfg.tokens_per_view),
+                          jnp.asarray(last)))[:, 0]
+        for t in range(len(g.trajectories)):
+            out[gi, t] = v[[k for k, (tt, _) in enumerate(states) if tt == t]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def packed(policy_dir):
+    template = packing.StateTemplate.from_dir(policy_dir, max_suffix_tokens=24)
+    groups = scene_groups(template)
+    # Room for about two trajectories per row, and at most 4 states: the long trajectories are cut.
+    P = max(len(template.prefix_ids(g.image_hw)) for g in groups)
+    rows, stats, batch = build_batch(groups, template, seq_len=P + 60, max_states=4)
+    model = value_model(policy_dir)
+    values = np.asarray(nnx.jit(packing.packed_values)(model, batch))
+    alone = alone_values(model, template, groups, P + 24)
+    return template, groups, rows, stats, batch, values, alone
+
+
+def test_state_template_renders_image_then_sentence(policy_dir):
+    template = packing.StateTemplate.from_dir(policy_dir, max_suffix_tokens=12)
+    tok = template.tokenizer
+    hw = (40, 90)
+    ids = template.state_ids(hw, "There is a large red circle in the top left.")
+    n_img = template.processor.num_image_tokens(hw)
+    # The rendered user turn "[INST] <image>\n{sentence} [/INST]", tokenized as one text.
+    full = template.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "There is a large red circle."}]}])
+    want = tok.encode(template.processor.expand_image_tokens([full], [hw])[0])
+    assert template.state_ids(hw, "There is a large red circle.").tolist() == want
+    assert (ids == template.image_token_id).sum() == n_img
+    # Cut to 12 suffix tokens, the closing "▁ [/INST]" kept.
+    suffix = ids[len(template.prefix_ids(hw)):]
+    assert len(suffix) == 12 and [tok.id_to_token(t) for t in suffix[-2:]] == ["▁", "[/INST]"]
+    with pytest.raises(ValueError, match="empty"):
+        template.suffix_ids(["  "])
+
+
+def test_plan_keeps_trajectories_whole_within_capacity(packed):
+    template, groups, rows, stats, batch, _, _ = packed
+    T, Q = batch["input_ids"].shape[1], batch["query_index"].shape[1]
+    assert stats.rows == len(rows) > len(groups)          # some image needs two rows
+    assert stats.truncated_trajectories == 2 and stats.dropped_states > 0   # 5- and 6-sentence captions cut to 4
+    seen = set()
+    for b, plan in enumerate(rows):
+        g = groups[plan.group]
+        P = len(template.prefix_ids(g.image_hw))
+        assert np.array_equal(batch["input_ids"][b, :P], template.prefix_ids(g.image_hw))
+        assert (batch["segment_ids"][b, :P] == 0).all()
+        n = int(batch["state_mask"][b].sum())
+        assert n == sum(k for _, k in plan.trajs) <= Q
+        used = P + sum(len(g.trajectories[t].suffixes[i]) for t, k in plan.trajs for i in range(k))
+        assert (batch["segment_ids"][b] >= 0).sum() == used <= T
+        seen |= {(plan.group, t) for t, _ in plan.trajs}
+    assert seen == {(gi, t) for gi, g in enumerate(groups) for t in range(len(g.trajectories))}
+
+
+def test_packed_values_equal_states_run_alone(policy_dir, packed):
+    """Acceptance: the value of every state of a packed batch equals that (image, sentence) state run alone
+    through ValueModel."""
+    template, groups, rows, _, batch, values, alone = packed
+    got, want = [], []
+    for b, plan in enumerate(rows):
+        q = 0
+        for t, kept in plan.trajs:
+            got += list(values[b, q:q + kept])
+            want += list(alone[plan.group, t][:kept])
+            q += kept
+    assert len(got) == int(batch["state_mask"].sum())
+    assert max_rel_err(got, want) <= TOL
+
+
+def test_td_targets_from_packed_pass_equal_hand_computed(policy_dir, packed):
+    """y_i = r_i + γ V(s_{i+1}) with V from states run alone, y = r at terminal states; a cut trajectory's
+    last kept state has no target (masked out); the packed loss is the mean over the rest."""
+    template, groups, rows, _, batch, values, alone_all = packed
+    model = value_model(policy_dir)
+    nv = np.asarray(packing.next_values(jnp.asarray(values), jnp.asarray(batch["next_slot"])))
+    targets = np.asarray(td.td_targets(batch["reward"].reshape(-1), nv.reshape(-1), batch["done"].reshape(-1),
+                                       GAMMA)).reshape(values.shape)
+    got, want, errs, masked = [], [], [], 0
+    for b, plan in enumerate(rows):
+        q = 0
+        for t, kept in plan.trajs:
+            traj = groups[plan.group].trajectories[t]
+            alone = alone_all[plan.group, t]
+            for i in range(kept):
+                if i + 1 < len(traj) and i + 1 >= kept:      # cut here: no next state in the row
+                    assert batch["loss_mask"][b, q + i] == 0
+                    masked += 1
+                    continue
+                assert batch["loss_mask"][b, q + i] == 1
+                y = traj.rewards[i] + (GAMMA * alone[i + 1] if i + 1 < len(traj) else 0.0)
+                got.append(targets[b, q + i])
+                want.append(y)
+                errs.append((alone[i] - y) ** 2)
+            q += kept
+    assert masked == 2
+    assert max_rel_err(got, want) <= TOL
+    loss, metrics, _ = packing.td_loss(model, batch, gamma=GAMMA)
+    assert float(metrics["weight"]) == len(errs)
+    assert abs(float(loss) - np.mean(errs)) <= TOL * np.mean(errs)
+
+
+def test_sharded_train_step_equals_one_device(policy_dir):
+    """One TD train step on a packed batch on a (data=2, fsdp=2, tensor=2) mesh equals the same step on one
+    device (loss, gradient norm and updated parameters)."""
+    template = packing.StateTemplate.from_dir(policy_dir, max_suffix_tokens=24)
+    groups = scene_groups(template, seeds=((11, 0), (11, 1), (11, 2)), rewards_seed=1)
+    P = max(len(template.prefix_ids(g.image_hw)) for g in groups)
+    rows, _, batch = build_batch(groups, template, seq_len=P + 100, max_states=8)
+    batch = packing.collate([{k: v[b] for k, v in batch.items()} for b in range(min(len(rows), 4))], 4,
+                            lambda: packing.empty_row(template, seq_len=P + 100, max_states=8))
+    # Plain SGD: the update is the gradient itself (Adam's first step, ~lr * sign(g), would amplify
+    # float rounding in near-zero gradient entries).
+    import optax
+
+    tx, schedule = optax.sgd(0.01), optax.constant_schedule(0.01)
+    loss_fn = lambda m, b, rng: packing.td_loss(m, b, gamma=GAMMA)[:2]  # noqa: E731
+    flat = lambda tree: {"/".join(map(str, p)): np.asarray(v.get_value())  # noqa: E731
+                         for p, v in nnx.to_flat_state(tree)}
+    results = []
+    for mesh in (shd.make_mesh(1, 1, 1), shd.make_mesh(2, 2, 2)):
+        state, shardings = trainer.create_train_state(value_model(policy_dir), tx, mesh=mesh,
+                                                      trainable="freeze:backbone.vision")
+        before = flat(state.params)
+        step = trainer.make_train_step(loss_fn, tx, schedule, shardings, mesh=mesh)
+        state, metrics = step(state, shd.host_local_batch_to_global(batch, mesh))
+        after = flat(state.params)
+        results.append((metrics, after, {k: before[k] - after[k] for k in before}))
+    (m1, p1, d1), (m8, p8, d8) = results
+    assert float(m1["weight"]) > 10 and float(m1["grad_norm"]) > 0
+    for k in ("loss", "grad_norm", "value_mean", "target_mean"):
+        assert max_rel_err(m8[k], m1[k]) <= TOL, k
+    assert p1.keys() == p8.keys() and not any(k.startswith("backbone/vision") for k in p1)
+    assert max(max_rel_err(p8[k], p1[k]) for k in p1) <= TOL
+    # The updates (lr x gradient) themselves agree too, over all parameters.
+    g1 = np.concatenate([d1[k].ravel() for k in sorted(d1)])
+    g8 = np.concatenate([d8[k].ravel() for k in sorted(d8)])
+    assert max_rel_err(g8, g1) <= TOL
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+def run_train_value(workdir, *overrides):
+    sys.path.insert(0, str(ROOT / "train"))
+    import train_value
+
+    argv = ["train_value.py", "--config", str(ROOT / "configs" / "tiny_value.py"), "--workdir", str(workdir),
+            *overrides]
+    return train_value.main(argv)
+
+
+def test_train_value_end_to_end(policy_dir, tmp_path, capsys):
+    """gen_rollouts on tiny-world scenes, then `train_value.py` for a few steps: metrics.jsonl, checkpoints,
+    value statistics in the HF value directory equal to the values `load_value` gives the validation states
+    run alone; an unknown config key is an error naming it."""
+    from vimar_jax.data import transitions as tr
+    from vimar_jax.vlm import load_value
+
+    clip = make_clip_dir(tmp_path / "clip")
+    rollouts = tmp_path / "rollouts"
+    run_rollouts((policy_dir, clip), rollouts, "tiny:21:5", "--shards", "2")
+    wd = tmp_path / "wd"
+    common = [f"--config.init={policy_dir}", f"--config.rollouts={rollouts}", "--config.batch_size=4",
+              "--config.eval.batch_size=4", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
+              "--config.data.val_fraction=0.34", "--config.data.seq_len=320", "--config.data.max_states=16",
+              "--config.log_every=1", "--config.eval_every=2", "--config.checkpoint_every=2"]
+    assert run_train_value(wd, *common, "--config.total_steps=3") == 0
+    metrics = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3]
+    assert all(np.isfinite(m["loss"]) and m["weight"] > 0 for m in train_lines)
+    evals = [m for m in metrics if "eval/td_loss" in m]
+    assert [m["step"] for m in evals] == [2] and np.isfinite(evals[0]["eval/value_corr"])
+    assert sorted(os.listdir(wd / "checkpoints")) == ["2", "3"]
+
+    # The HF value directory: load_value reads it; its stats are those of the validation states run alone.
+    hf = wd / "hf"
+    config = json.loads((hf / "config.json").read_text())
+    vv = config["vimar_value"]
+    assert vv["value_layer"] == -2 and vv["state"] == "sentence" and vv["stats"]["transitions"] == "validation"
+    value = load_value(str(hf))
+    template = packing.StateTemplate.from_dir(str(hf), max_suffix_tokens=vv["max_suffix_tokens"])
+    records = [r for p in tr.shard_paths(str(rollouts)) for r in tr.read_shard(p)]
+    groups = packing.groups_from_records(records, template, np.zeros(len(records)))
+    _, val = packing.split_groups(groups, 0.34, 0)
+    assert val
+    ids, pixels, sizes = [], [], []
+    for g in val:
+        arrays = packing.image_arrays(sources.open_image(g.image), template.processor.image_config)
+        for t in g.trajectories:
+            for s in t.suffixes:
+                ids.append(np.concatenate([template.prefix_ids(g.image_hw), s]))
+                pixels.append(arrays["pixel_values"])
+                sizes.append(arrays["image_size"])
+    batch = np.zeros((len(ids), max(map(len, ids))), np.int32)
+    mask = np.zeros_like(batch)
+    for i, x in enumerate(ids):
+        batch[i, :len(x)], mask[i, :len(x)] = x, 1
+    got = np.asarray(value.values(batch, np.stack(pixels), np.stack(sizes), mask))   # one state per row
+    stats = vv["stats"]
+    assert stats["count"] == len(got)
+    for q in (10, 50, 90):
+        assert stats[f"p{q}"] == pytest.approx(np.percentile(got, q), abs=1e-4)
+    assert stats["mean"] == pytest.approx(np.mean(got), abs=1e-4)
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["final_eval"]["num_states"] == len(got)
+
+    # A key that does not exist is an error naming it.
+    capsys.readouterr()
+    assert run_train_value(tmp_path / "wd2", *common, "--config.data.no_such_key=1") == 2
+    assert "no_such_key" in capsys.readouterr().err
