@@ -97,14 +97,14 @@ class _Base:
             from vimar_jax import image
 
             index, n_tokens = image.feature_gather_index(sizes, n_max, c.image_config())
-            counts = ((ids == c.image_token_id) & (mask > 0)).sum(axis=1)
+            counts = (ids == c.image_token_id).sum(axis=1)   # the model merges features by this count
             bad = np.nonzero(counts != np.asarray(n_tokens))[0]
             if bad.size:
                 b = int(bad[0])
                 raise ValueError(f"row {b} has {counts[b]} <image> tokens (id {c.image_token_id}) but its image of "
                                  f"size {sizes[b].tolist()} has {int(n_tokens[b])} features")
             out.update(pixel_values=pv, gather_index=np.asarray(index, np.int32))
-        elif ((ids == c.image_token_id) & (mask > 0)).any():
+        elif (ids == c.image_token_id).any():
             raise ValueError("input_ids contain <image> tokens but no pixel_values were given")
         Tb = bucket_length(T, self.length_bucket)
         pad = ((0, 0), (0, Tb - T))
