@@ -387,6 +387,7 @@ def train_sft(config, workdir: str) -> tuple[trainer.TrainState, dict]:
         summary["heldout"] = evaluate_scenes(policy, os.path.join(workdir, "hf"), config.eval)
         summary["wall_time_s"]["eval"] = summary["heldout"]["seconds"]
     summary["wall_time_s"]["total"] = time.perf_counter() - t_start
+    summary["cpu_time_s"] = time.process_time()   # all threads of this process: comparable on a busy machine
     if jax.process_index() == 0:
         _write_json(os.path.join(workdir, "summary.json"), summary)
     return state, summary
@@ -427,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (trainer.WorkdirConfigError, trainer.NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    brief = {"wall_time_s": summary["wall_time_s"], "final": summary["train"]["curve"][-1:]}
+    brief = {"wall_time_s": summary["wall_time_s"], "cpu_time_s": summary["cpu_time_s"],
+             "final": summary["train"]["curve"][-1:]}
     if "heldout" in summary:
         c = summary["heldout"]["chair"]
         brief["heldout"] = {k: c[k] for k in ("n_captions", "chair_i", "chair_s", "attr_chair_i", "recall",
