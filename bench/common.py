@@ -101,4 +101,134 @@ def machine_line() -> str:
     return ", ".join(parts)
 
 
-__all__ = ["ROOT", "block", "timed", "median_times", "ratio", "fmt", "Table", "machine_line"]
+# ------------------------------------------------------------------------------------- tiny-world models
+
+def tiny_world_hf(vocab: int, image_token: int) -> dict:
+    """An HF LLaVA-NeXT config dict with the tiny world's shapes (configs/tiny_policy.py, tiny_clip.py)."""
+    S = 48
+    return {"model_type": "llava_next", "image_token_index": image_token, "vision_feature_layer": -2,
+            "image_grid_pinpoints": [[S, 2 * S], [2 * S, S], [2 * S, 2 * S], [3 * S, S], [S, 3 * S]],
+            "vision_config": dict(model_type="clip_vision_model", hidden_size=96, intermediate_size=384,
+                                  num_hidden_layers=4, num_attention_heads=4, image_size=S, patch_size=8,
+                                  projection_dim=64, hidden_act="quick_gelu"),
+            "text_config": dict(model_type="mistral", vocab_size=vocab, hidden_size=128, intermediate_size=384,
+                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=None,
+                                max_position_embeddings=1024)}
+
+
+def shipped_tiny_world() -> dict[str, str]:
+    """Shipped tiny-world checkpoints under vimar_jax/assets/tiny_world/ by role ("policy", "value", "clip"),
+    recognised by their config.json (empty if none are shipped)."""
+    import json
+
+    found: dict[str, str] = {}
+    root = ROOT / "vimar_jax" / "assets" / "tiny_world"
+    for cfg_path in sorted(root.glob("**/config.json")) if root.is_dir() else []:
+        d = json.loads(cfg_path.read_text())
+        role = {"llava_next": "value" if "vimar_value" in d else "policy", "clip": "clip"}.get(d.get("model_type"))
+        if role and role not in found:
+            found[role] = str(cfg_path.parent)
+    return found
+
+
+def random_tiny_world(directory: str, *, seed: int = 0, roles=("policy", "value", "clip")) -> dict[str, str]:
+    """Random checkpoints of the tiny world's shapes, in HF format under `directory`: a policy (tiny
+    tokenizer "a", chat template, processor), a value model (the policy's weights + a random float32 head,
+    `vimar_value` config) and a CLIP. The policy's random weights lean towards words, "." and EOS (a rank-one
+    prior through a shared embedding direction), so captions have sentences and end; nothing else is
+    trained."""
+    import json
+    import os
+
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil,
+                              LlavaNextProcessor, PreTrainedTokenizerFast)
+
+    from vimar_jax.data import tiny_tokenizer
+
+    out = {}
+    policy = os.path.join(directory, "policy")
+    tiny_tokenizer.save_tokenizer(policy, "a")
+    tok = tiny_tokenizer.build_tokenizer("a")
+    sp = tiny_tokenizer.special_tokens("a")
+    ids = {k: tok.token_to_id(sp[k]) for k in ("bos", "eos", "pad")}
+    hf = tiny_world_hf(tok.get_vocab_size(), tok.token_to_id(sp["image"]))
+    S = hf["vision_config"]["image_size"]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
+                                                   image_grid_pinpoints=hf["image_grid_pinpoints"]),
+        tokenizer=PreTrainedTokenizerFast.from_pretrained(policy), patch_size=hf["vision_config"]["patch_size"],
+        num_additional_image_tokens=1, vision_feature_select_strategy="default",
+        chat_template=tiny_tokenizer.CHAT_TEMPLATE_A)
+    processor.save_pretrained(policy)
+    text = {**hf["text_config"], **{f"{k}_token_id": v for k, v in ids.items()}}
+    cfg = LlavaNextConfig(vision_config=hf["vision_config"], text_config=text,
+                          image_token_index=hf["image_token_index"], image_grid_pinpoints=hf["image_grid_pinpoints"],
+                          vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        E = emb.shape[1]
+        direction = torch.randn(E, generator=g)
+        direction /= direction.norm()
+        prior = torch.full((emb.shape[0],), -4.0)
+        for token, i in tok.get_vocab().items():
+            if token.startswith("\u2581") and len(token) > 1:
+                prior[i] = 0.0
+        prior[tok.token_to_id(".")] = 0.7     # tuned by eye: sentences of ~5-30 tokens, most captions end
+        prior[ids["eos"]] = 0.1
+        emb += 8.0 * direction
+        head += prior[:, None] * direction[None, :] * (3.0 / E ** 0.5)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["eos"], ids["pad"]
+    model.save_pretrained(policy)
+    with open(os.path.join(policy, "generation_config.json"), "w") as f:
+        json.dump({f"{k}_token_id": v for k, v in ids.items()}, f)
+    out["policy"] = policy
+
+    if "value" in roles:
+        value = os.path.join(directory, "value")
+        os.makedirs(value, exist_ok=True)
+        for name in os.listdir(policy):
+            if name != "model.safetensors":
+                with open(os.path.join(policy, name), "rb") as src, open(os.path.join(value, name), "wb") as dst:
+                    dst.write(src.read())
+        tensors = load_file(os.path.join(policy, "model.safetensors"))
+        rng = np.random.default_rng(seed + 2)
+        tensors["value_head.weight"] = torch.tensor(rng.normal(0, 0.05, (1, E)), dtype=torch.float32)
+        tensors["value_head.bias"] = torch.zeros(1, dtype=torch.float32)
+        save_file(tensors, os.path.join(value, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(value, "config.json")) as f:
+            config = json.load(f)
+        config["vimar_value"] = {"value_layer": -2, "state": "sentence"}
+        with open(os.path.join(value, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        out["value"] = value
+
+    if "clip" in roles:
+        import importlib.util
+
+        from flax import nnx
+
+        from vimar_jax import clip as clip_lib
+
+        def load(path, name):
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+
+        train_clip = load(ROOT / "train" / "train_clip.py", "_bench_train_clip")
+        config = train_clip.hf_config(load(ROOT / "configs" / "tiny_clip.py", "_bench_tiny_clip").get_config().model)
+        out["clip"] = os.path.join(directory, "clip")
+        train_clip.save_hf(clip_lib.CLIPModel(clip_lib.CLIPConfig.from_hf(config), rngs=nnx.Rngs(seed)), config,
+                           out["clip"])
+    return out
+
+
+__all__ = ["ROOT", "block", "timed", "median_times", "ratio", "fmt", "Table", "machine_line", "tiny_world_hf",
+           "shipped_tiny_world", "random_tiny_world"]

@@ -29,7 +29,6 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration  # noqa: E402
 
-from vimar_jax import image  # noqa: E402
 from vimar_jax.convert import spec  # noqa: E402
 from vimar_jax.decode.generate import generate  # noqa: E402
 from vimar_jax.models.llava_next import checkpoint_spec  # noqa: E402

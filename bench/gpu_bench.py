@@ -112,9 +112,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def median_time(fn, repeats: int, sync) -> float:
-    """Median seconds of `fn()` over `repeats` runs after one untimed warm-up; `sync(result)` blocks."""
-    sync(fn())
+def median_time(fn, repeats: int, sync, check=None) -> float:
+    """Median seconds of `fn()` over `repeats` runs after one untimed warm-up; `sync(result)` blocks;
+    `check(result)` (optional) validates the warm-up's result."""
+    first = fn()
+    sync(first)
+    if check is not None:
+        check(first)
     times = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
@@ -148,26 +152,7 @@ def run_hf(sh: Shapes, repeats: int, dtype_name: str) -> dict:
     finally:
         torch.set_default_dtype(default)
     out["params"] = sum(p.numel() for p in model.parameters())
-    g = torch.Generator(device=dev).manual_seed(0)
-    ids = torch.randint(1, sh.vocab, (1, sh.prompt), device=dev, generator=g)
-    mask = torch.ones_like(ids)
-    N, C = sh.new_tokens, sh.candidates
-    common = dict(attention_mask=mask, max_new_tokens=N, min_new_tokens=N, eos_token_id=None, pad_token_id=0)
-
-    with torch.inference_mode():
-        t = median_time(lambda: model(ids, logits_to_keep=1).logits, repeats, sync)
-        out["prefill_ms"] = 1e3 * t
-        log(f"hf: prefill {out['prefill_ms']:.1f} ms")
-        t = median_time(lambda: model.generate(ids, do_sample=False, **common), repeats, sync)
-        out["greedy_tok_s"] = N / t
-        log(f"hf: greedy {out['greedy_tok_s']:.1f} tok/s")
-        gen = model.generate(ids, do_sample=True, temperature=0.7, top_p=0.9, top_k=0, num_return_sequences=C,
-                             **common)
-        assert gen.shape == (C, sh.prompt + N), gen.shape
-        t = median_time(lambda: model.generate(ids, do_sample=True, temperature=0.7, top_p=0.9, top_k=0,
-                                               num_return_sequences=C, **common), max(1, repeats - 1), sync)
-        out["candidates_tok_s"] = C * N / t
-        log(f"hf: {C} candidates {out['candidates_tok_s']:.1f} tok/s")
+    out.update(_hf_decode(model, sh, repeats, dev, sync))
     del model
     if dev == "cuda":
         torch.cuda.empty_cache()
@@ -176,6 +161,7 @@ def run_hf(sh: Shapes, repeats: int, dtype_name: str) -> dict:
                             num_hidden_layers=sh.clip_layers, num_attention_heads=sh.clip_heads,
                             image_size=sh.clip_image, patch_size=14, hidden_act="quick_gelu",
                             attn_implementation="sdpa")
+    g = torch.Generator(device=dev).manual_seed(1)
     torch.set_default_dtype(dtype)
     try:
         with torch.device(dev):
@@ -192,6 +178,38 @@ def run_hf(sh: Shapes, repeats: int, dtype_name: str) -> dict:
     with torch.inference_mode():
         out["clip_ms"] = 1e3 * median_time(features, repeats, sync)
     log(f"hf: CLIP tower + projector on {sh.tiles} tiles {out['clip_ms']:.1f} ms")
+    return out
+
+
+def _hf_decode(model, sh: Shapes, repeats: int, dev: str, sync) -> dict:
+    """Prefill, greedy and sampled-candidates figures of an HF causal LM on a random prompt."""
+    import torch
+
+    out = {}
+    g = torch.Generator(device=dev).manual_seed(0)
+    ids = torch.randint(1, sh.vocab, (1, sh.prompt), device=dev, generator=g)
+    N, C = sh.new_tokens, sh.candidates
+    common = dict(attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N, eos_token_id=None,
+                  pad_token_id=0)
+
+    def check(shape):
+        def f(gen):
+            assert tuple(gen.shape) == shape, (tuple(gen.shape), shape)
+        return f
+
+    with torch.inference_mode():
+        t = median_time(lambda: model(ids, logits_to_keep=1).logits, repeats, sync)
+        out["prefill_ms"] = 1e3 * t
+        log(f"hf: prefill {out['prefill_ms']:.1f} ms")
+        t = median_time(lambda: model.generate(ids, do_sample=False, **common), repeats, sync,
+                        check((1, sh.prompt + N)))
+        out["greedy_tok_s"] = N / t
+        log(f"hf: greedy {out['greedy_tok_s']:.1f} tok/s")
+        t = median_time(lambda: model.generate(ids, do_sample=True, temperature=0.7, top_p=0.9, top_k=0,
+                                               num_return_sequences=C, **common), max(1, repeats - 1), sync,
+                        check((C, sh.prompt + N)))
+        out["candidates_tok_s"] = C * N / t
+        log(f"hf: {C} candidates {out['candidates_tok_s']:.1f} tok/s")
     return out
 
 

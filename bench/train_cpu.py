@@ -30,11 +30,11 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import os
 import tempfile
 import time
 
-from common import ROOT, Table, fmt, machine_line, median_times, ratio
+from common import (ROOT, Table, fmt, machine_line, median_times, random_tiny_world, ratio, shipped_tiny_world,
+                    tiny_world_hf)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -55,20 +55,6 @@ AFTER_IMAGE = [7]           # the newline after the image run
 TAIL = [8, 9, 2]            # closing tokens of a state (end of turn)
 IMAGE_HW = [(96, 96), (60, 120), (120, 50), (80, 80), (48, 144), (100, 70), (144, 60), (90, 110)]
 GAMMA = 0.9
-
-
-def tiny_world_hf(vocab: int = VOCAB) -> dict:
-    """An HF LLaVA-NeXT config dict with the tiny world's shapes."""
-    S = 48
-    return {"model_type": "llava_next", "image_token_index": IMAGE_TOKEN, "vision_feature_layer": -2,
-            "image_grid_pinpoints": [[S, 2 * S], [2 * S, S], [2 * S, 2 * S], [3 * S, S], [S, 3 * S]],
-            "vision_config": dict(model_type="clip_vision_model", hidden_size=96, intermediate_size=384,
-                                  num_hidden_layers=4, num_attention_heads=4, image_size=S, patch_size=8,
-                                  projection_dim=64, hidden_act="quick_gelu"),
-            "text_config": dict(model_type="mistral", vocab_size=vocab, hidden_size=128, intermediate_size=384,
-                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=None,
-                                max_position_embeddings=1024)}
 
 
 class Template:
@@ -175,7 +161,7 @@ def make_step(graphdef, tx, loss):
 
 def bench_td(args) -> Table:
     rng = np.random.default_rng(0)
-    cfg = ValueConfig(LlavaNextConfig.from_hf(tiny_world_hf()), value_layer=-2)
+    cfg = ValueConfig(LlavaNextConfig.from_hf(tiny_world_hf(VOCAB, IMAGE_TOKEN)), value_layer=-2)
     model = ValueModel(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     image_config = cfg.llava.image_config()
@@ -236,73 +222,19 @@ def _load_script(name: str):
     return mod
 
 
-def shipped_tiny_world() -> tuple[str, str] | None:
-    """(policy dir, CLIP dir) under vimar_jax/assets/tiny_world/, found by their config.json, if shipped."""
-    import json
-
-    root = ROOT / "vimar_jax" / "assets" / "tiny_world"
-    policy = clip = None
-    if root.is_dir():
-        for cfg_path in sorted(root.glob("*/config.json")):
-            d = json.loads(cfg_path.read_text())
-            if d.get("model_type") == "llava_next" and "vimar_value" not in d and policy is None:
-                policy = str(cfg_path.parent)
-            elif d.get("model_type") == "clip" and clip is None:
-                clip = str(cfg_path.parent)
-    return (policy, clip) if policy and clip else None
-
-
-def random_tiny_world(directory: str, seed: int = 0) -> tuple[str, str]:
-    """Random policy (tiny tokenizer "a", tiny-world shapes) and CLIP directories in HF format."""
-    import torch
-    from transformers import (LlavaNextConfig as HFConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor, PreTrainedTokenizerFast)
-
-    from vimar_jax import clip as clip_lib
-    from vimar_jax.data import tiny_tokenizer
-
-    policy, clip = os.path.join(directory, "policy"), os.path.join(directory, "clip")
-    tiny_tokenizer.save_tokenizer(policy, "a")
-    tok = tiny_tokenizer.build_tokenizer("a")
-    sp = tiny_tokenizer.special_tokens("a")
-    ids = {k: tok.token_to_id(sp[k]) for k in ("bos", "eos", "pad")}
-    hf = tiny_world_hf(tok.get_vocab_size())
-    S = hf["vision_config"]["image_size"]
-    ip = LlavaNextImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
-                                    image_grid_pinpoints=hf["image_grid_pinpoints"])
-    proc = LlavaNextProcessor(image_processor=ip, tokenizer=PreTrainedTokenizerFast.from_pretrained(policy),
-                              patch_size=hf["vision_config"]["patch_size"], num_additional_image_tokens=1,
-                              vision_feature_select_strategy="default", chat_template=tiny_tokenizer.CHAT_TEMPLATE_A)
-    proc.save_pretrained(policy)
-    cfg = HFConfig(vision_config=hf["vision_config"], text_config={**hf["text_config"], **{
-        f"{k}_token_id": v for k, v in ids.items()}}, image_token_index=tok.token_to_id(sp["image"]),
-        image_grid_pinpoints=hf["image_grid_pinpoints"], vision_feature_layer=-2)
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["eos"], ids["pad"]
-    model.save_pretrained(policy)
-
-    train_clip = _load_script("train_clip")
-    spec = importlib.util.spec_from_file_location("_bench_tiny_clip", ROOT / "configs" / "tiny_clip.py")
-    clip_cfg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(clip_cfg)
-    config = train_clip.hf_config(clip_cfg.get_config().model)
-    train_clip.save_hf(clip_lib.CLIPModel(clip_lib.CLIPConfig.from_hf(config), rngs=nnx.Rngs(seed)), config, clip)
-    return policy, clip
-
-
 def bench_rollouts(args) -> Table:
     from vimar_jax.data import sources
 
     gen_rollouts = _load_script("gen_rollouts")
     tmp = None
     found = shipped_tiny_world()
-    if found is None:
-        tmp = tempfile.TemporaryDirectory(prefix="vimar_bench_")
-        found, origin = random_tiny_world(tmp.name), "random models of the tiny world's shapes"
-    else:
+    if "policy" in found and "clip" in found:
         origin = "the shipped tiny-world policy and CLIP"
-    policy, clip = found
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="vimar_bench_")
+        found = random_tiny_world(tmp.name, roles=("policy", "clip"))
+        origin = "random models of the tiny world's shapes"
+    policy, clip = found["policy"], found["clip"]
     opts = gen_rollouts.parse_args(["--policy", policy, "--clip", clip, "--source", f"tiny:0:{args.rollout_images}",
                                     "--out", "unused", "--max-new-tokens", str(args.rollout_tokens)])
     roller = gen_rollouts.Roller(opts)

@@ -77,3 +77,11 @@ def test_train_cpu_smoke():
     a, b = (float(x) for x in line.split("first-step loss packed ")[1].split(" / unpacked "))
     assert a == pytest.approx(b, rel=1e-4)
     assert numbers(rows["tokens computed per step"])[2] > 1      # packing computes fewer tokens
+
+
+def test_search_cpu_smoke():
+    out = run_bench("search_cpu.py")
+    rows = {r[0]: r for r in table_rows(out)}
+    for key in ("seconds per caption", "tokens decoded per caption", "sentences valued per caption"):
+        vimar, visvm, r = numbers(rows[key])[:3]
+        assert vimar > 0 and visvm > 0 and r == pytest.approx(visvm / vimar, rel=0.02), key
