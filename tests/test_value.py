@@ -4,7 +4,6 @@ float32 head under bf16 compute, value checkpoints, `from_policy`."""
 import functools
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
