@@ -298,3 +298,63 @@ def test_train_value_end_to_end(policy_dir, tmp_path, capsys):
     capsys.readouterr()
     assert run_train_value(tmp_path / "wd2", *common, "--config.data.no_such_key=1") == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_ema_target_network_step(policy_dir):
+    """With an EMA target network, V(s_{i+1}) comes from the target parameters (a second forward), the
+    online parameters take the optimizer step and the target moves to decay * target + (1 - decay) * online."""
+    import optax
+
+    sys.path.insert(0, str(ROOT / "train"))
+    import train_value
+
+    template = packing.StateTemplate.from_dir(policy_dir, max_suffix_tokens=24)
+    groups = scene_groups(template, seeds=((11, 3),), rewards_seed=2)
+    P = len(template.prefix_ids(groups[0].image_hw))
+    _, _, batch = build_batch(groups, template, seq_len=P + 120, max_states=12)
+    online = value_model(policy_dir)
+    model = train_value.EMAValueModel(online)
+    # A target that differs from the online model: its head is shifted.
+    model.target.value_head.bias[...] = model.target.value_head.bias[...] + 1.0
+    want_loss, _, _ = packing.td_loss(online, batch, gamma=GAMMA, target_model=model.target)
+    plain_loss, _, _ = packing.td_loss(online, batch, gamma=GAMMA)
+    assert abs(float(want_loss) - float(plain_loss)) > 1e-3
+
+    decay, lr = 0.75, 0.01
+    tx, schedule = train_value.ema_optimizer(optax.sgd(lr), decay), optax.constant_schedule(lr)
+    mesh = shd.make_mesh(1, 1, 1)
+    spec = train_value.ema_trainable("freeze:backbone.vision")
+    assert spec == "freeze:online.backbone.vision,target.backbone.vision"
+    state, shardings = trainer.create_train_state(model, tx, mesh=mesh, trainable=spec)
+    flat = lambda tree: {"/".join(map(str, p)): np.asarray(v.get_value())  # noqa: E731
+                         for p, v in nnx.to_flat_state(tree)}
+    before = flat(state.params)
+    step = trainer.make_train_step(train_value.make_loss_fn(GAMMA, ema=True), tx, schedule, shardings, mesh=mesh)
+    state, metrics = step(state, shd.host_local_batch_to_global(batch, mesh))
+    after = flat(state.params)
+    assert abs(float(metrics["loss"]) - float(want_loss)) <= TOL * abs(float(want_loss))
+    assert not any("vision" in k for k in after)
+    moved = 0
+    for k in after:
+        if not k.startswith("online/"):
+            continue
+        t = "target/" + k[len("online/"):]
+        assert max_rel_err(after[t], decay * before[t] + (1 - decay) * after[k]) <= TOL, t
+        moved += int(not np.array_equal(after[k], before[k]))
+    assert moved > 0
+
+
+def test_published_recipe_config():
+    """configs/value_llava_next_mistral_7b.py: the published optimisation, a batch the mesh divides."""
+    sys.path.insert(0, str(ROOT))
+    from configs import value_llava_next_mistral_7b as recipe
+
+    c = recipe.get_config()
+    assert (c.lr, c.b1, c.b2, c.eps, c.warmup_ratio, c.end_lr, c.num_epochs) == (5e-5, 0.9, 0.999, 1e-8, 0.03, 0.0, 4)
+    assert c.trainable == "all" and c.compute_dtype == "bfloat16" and c.value.remat == "full"
+    assert c.batch_size % (c.mesh.data * c.mesh.fsdp) == 0 and c.batch_size % c.grad_accum == 0
+    assert c.eval.batch_size % (c.mesh.data * c.mesh.fsdp) == 0
+    assert c.td.gamma == 0.9 and c.value.value_layer == -2
+    tcfg = trainer.make_config({k: (c[k].to_dict() if hasattr(c[k], "to_dict") else c[k])
+                                for k in trainer.default_config().keys()})
+    assert tcfg.fp32_params == ("value_head",)

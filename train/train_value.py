@@ -138,7 +138,7 @@ def load_data(config, template: packing.StateTemplate) -> Data:
     groups, reward_cfg, manifest, n_records = _read_groups(config.rollouts, template, overrides)
     if d.val_rollouts:
         train = groups
-        val, val_cfg, _, _ = _read_groups(d.val_rollouts, template, {**overrides, "tau": reward_cfg.tau})
+        val, _, _, _ = _read_groups(d.val_rollouts, template, {**overrides, "tau": reward_cfg.tau})
     else:
         train, val = packing.split_groups(groups, float(d.val_fraction), int(d.split_seed))
     if not train:
@@ -194,6 +194,16 @@ class EMAValueModel(nnx.Module):
     def __init__(self, online: ValueModel):
         self.online = online
         self.target = nnx.clone(online)
+
+
+def ema_trainable(spec: str) -> str:
+    """The trainer's `trainable` filter of a value model, for its `EMAValueModel` wrapper: frozen prefixes
+    apply to both copies (`head` and `all` match both already)."""
+    kind, _, arg = spec.strip().partition(":")
+    if kind != "freeze":
+        return spec
+    prefixes = [p.strip() for p in arg.split(",") if p.strip()]
+    return "freeze:" + ",".join(f"{side}.{p}" for p in prefixes for side in ("online", "target"))
 
 
 def ema_optimizer(inner: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
@@ -398,10 +408,10 @@ def train_value(config, workdir: str) -> tuple[trainer.TrainState, dict]:
         import inspect
 
         if "tx" not in inspect.signature(trainer.fit).parameters:
-            raise NotImplementedError("td.ema_decay > 0 needs vimar_jax.trainer.fit(..., tx=(optimizer, schedule))")
-        if tcfg.trainable != "all":
-            raise ValueError("td.ema_decay > 0 supports trainable='all' only")
+            raise NotImplementedError("td.ema_decay > 0 needs vimar_jax.trainer.fit(..., tx=(optimizer, schedule)), "
+                                      "which this trainer does not have yet")
         model = EMAValueModel(model)
+        tcfg.trainable = ema_trainable(tcfg.trainable)
         tx, schedule = trainer.make_optimizer(tcfg)
         fit_kw["tx"] = (ema_optimizer(tx, ema_decay), schedule)
 
