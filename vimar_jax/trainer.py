@@ -17,7 +17,7 @@ Pieces, usable on their own:
   micro-batches inside the step; fp32 master weights, optional bf16 compute.
 - `fit(...)`: the loop: metrics.jsonl + TensorBoard, orbax checkpoints with the data-iterator state,
   exact resume from an existing workdir, refusal of a workdir made with a different config, stop on a
-  non-finite loss without saving the bad state.
+  non-finite loss without saving the bad state. `load_state(...)` reads a run's checkpoint back.
 
 `python -m vimar_jax.trainer --workdir DIR [--config.KEY=VALUE]` trains a tiny demo regressor (used by
 the resume tests).
@@ -75,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.trainable = "all"         # "all" | "head[:NAME]" | "freeze:PREFIX[,PREFIX...]"
     c.save_frozen = True        # also checkpoint the non-trainable part of the model
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.checkpoint_every = 100
+    c.checkpoint_every = 100    # <= 0: only at the end (log_every/eval_every alike)
     c.keep_checkpoints = 3
     c.async_checkpointing = True
     c.log_every = 10
@@ -476,6 +476,11 @@ class _Logger:
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
+def _every(step: int, n: int) -> bool:
+    """Whether `step` is a multiple of `n` (n <= 0: never)."""
+    return n > 0 and step % n == 0
+
+
 def fit(config, *, workdir: str, model, loss_fn: LossFn, train_data: Iterable,
         eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None, mesh=None,
         rules: shd.Rules = shd.DEFAULT_RULES, run_config: Mapping | None = None,
@@ -548,13 +553,13 @@ def fit(config, *, workdir: str, model, loss_fn: LossFn, train_data: Iterable,
                     f"non-finite loss {metrics['loss']} / grad_norm {metrics['grad_norm']} at step {step}; stopped "
                     f"without saving this state. Last good checkpoint: "
                     f"{'none' if last is None else f'step {last}'} in {store.directory}")
-            if step % cfg.log_every == 0 or step == total:
+            if _every(step, cfg.log_every) or step == total:
                 dt = time.perf_counter() - t_last
                 logger.write(step, {**metrics, "steps_per_sec": steps_since / dt, "examples_per_sec": rows_since / dt})
                 t_last, steps_since, rows_since = time.perf_counter(), 0, 0
-            if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            if eval_fn is not None and _every(step, cfg.eval_every):
                 logger.write(step, {f"eval/{k}": float(v) for k, v in eval_fn(state).items()})
-            if step % cfg.checkpoint_every == 0 or step == total:
+            if _every(step, cfg.checkpoint_every) or step == total:
                 store.save(step, state.arrays(with_rest=with_rest),
                            data_state=it.get_state() if resumable else None, config=stored)
             for hook in hooks:
@@ -565,6 +570,26 @@ def fit(config, *, workdir: str, model, loss_fn: LossFn, train_data: Iterable,
         if own_store:
             store.close()
     return state
+
+
+def load_state(config, *, workdir: str, model, mesh=None, rules: shd.Rules = shd.DEFAULT_RULES,
+               step: int | None = None) -> TrainState:
+    """The TrainState of checkpoint `step` (latest by default) of a `fit` run in `workdir`, restored onto its
+    shardings (e.g. to export the trained model: `load_state(...).model()`). `config`/`model` as given to
+    `fit`; a model part that was not checkpointed (`save_frozen=False`) comes from `model`."""
+    cfg = make_config(config)
+    mesh = mesh if mesh is not None else shd.mesh_from_config(cfg.mesh)
+    tx, _ = make_optimizer(cfg)
+    state, shardings = create_train_state(model, tx, mesh=mesh, rules=rules, seed=cfg.seed, trainable=cfg.trainable,
+                                          master_dtype=cfg.master_dtype)
+    with_rest = bool(cfg.save_frozen)
+    directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory})")
+    with ckpt.CheckpointStore(directory, async_save=False) as store:
+        target = ckpt.abstract_like(state.arrays(with_rest=with_rest), shardings.arrays(with_rest=with_rest))
+        restored = store.restore(step, target, with_data=False)
+    return state.with_arrays(restored.state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -633,6 +658,7 @@ def demo_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 2
     c.checkpoint_every = 4
     c.log_every = 1
+    c.eval_every = 4
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     return c
 
@@ -640,9 +666,9 @@ def demo_config() -> ml_collections.ConfigDict:
 def _kill_in_finalize(step: int):
     """A TemporaryPath class that SIGKILLs the process after a save's files are written, before the commit
     rename of checkpoint `step`: a crash at the worst moment of a save (test hook of the demo)."""
-    from orbax.checkpoint._src.path import atomicity
+    import orbax.checkpoint as ocp
 
-    class KillBeforeCommit(atomicity.AtomicRenameTemporaryPath):
+    class KillBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
         async def finalize(self, *args, **kwargs):
             if self.get_final().name == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -658,7 +684,8 @@ def main(argv=None) -> int:
     fl = flags.FlagValues()
     config_flags.DEFINE_config_dict("config", demo_config(), flag_values=fl)
     flags.DEFINE_string("workdir", None, "run directory (created; resumed if it holds a checkpoint)", flag_values=fl)
-    flags.DEFINE_integer("debug_kill_at_step", 0, "SIGKILL this process right after step N", flag_values=fl)
+    flags.DEFINE_integer("debug_kill_at_step", 0, "SIGKILL this process right after step N (once the checkpoint "
+                         "writes in flight have committed)", flag_values=fl)
     flags.DEFINE_integer("debug_kill_in_save", 0, "SIGKILL during the save of checkpoint N, before its commit",
                          flag_values=fl)
     flags.DEFINE_integer("debug_nan_at_step", 0, "feed NaN inputs at step N", flag_values=fl)
@@ -670,24 +697,30 @@ def main(argv=None) -> int:
     local_batch = cfg.batch_size // jax.process_count()
     data = demo_dataset(local_batch, seed=cfg.seed + 1000 * jax.process_index(), nan_at_step=fl.debug_nan_at_step)
     workdir = os.path.abspath(fl.workdir)
-    store = None
-    if fl.debug_kill_in_save:
-        store = ckpt.CheckpointStore(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
-                                     async_save=cfg.async_checkpointing,
-                                     temporary_path_class=_kill_in_finalize(fl.debug_kill_in_save))
+    kill_in_save = _kill_in_finalize(fl.debug_kill_in_save) if fl.debug_kill_in_save else None
+    store = ckpt.CheckpointStore(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+                                 async_save=cfg.async_checkpointing, temporary_path_class=kill_in_save)
+    val = demo_dataset(32, seed=cfg.seed + 7)[0]
+    eval_loss = jax.jit(lambda state: demo_loss(state.model(), val, None)[0])
     hooks = []
     if fl.debug_kill_at_step:
         kill_at = fl.debug_kill_at_step
-        hooks.append(lambda step, _: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None)
+
+        def kill(step, _):
+            if step == kill_at:
+                store.wait()  # let the previous checkpoint commit, so the kill tests a resume from it
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        hooks.append(kill)
     try:
         fit(cfg, workdir=workdir, model=lambda rngs: DemoRegressor(rngs=rngs), loss_fn=demo_loss,
-            train_data=iter(data), run_config=cfg, store=store, hooks=hooks)
+            train_data=iter(data), eval_fn=lambda state: {"loss": eval_loss(state)}, run_config=cfg, store=store,
+            hooks=hooks)
     except (WorkdirConfigError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if store is not None:
-            store.close()
+        store.close()
     return 0
 
 
