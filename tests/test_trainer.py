@@ -240,7 +240,7 @@ def reference(env, tmp_path_factory):
 def test_resume_after_sigkill_equals_uninterrupted_run(env, reference, tmp_path):
     ref_wd, ref = reference
     kill_at = random.Random().randrange(5, 12)      # after the first checkpoint (step 4)
-    p = demo(env, tmp_path, f"--debug_kill_at_step={kill_at}", expect=-9)
+    demo(env, tmp_path, f"--debug_kill_at_step={kill_at}", expect=-9)
     with ck.CheckpointStore(str(tmp_path / "checkpoints")) as store:
         assert store.latest_step() is not None and store.latest_step() >= 4, (kill_at, store.all_steps())
     assert max(metrics(tmp_path)) == kill_at
@@ -249,7 +249,6 @@ def test_resume_after_sigkill_equals_uninterrupted_run(env, reference, tmp_path)
     assert got == ref, f"killed at {kill_at}: metrics differ from the uninterrupted run"
     assert ck.tree_equal(final_arrays(tmp_path).state, final_arrays(ref_wd).state), kill_at
     assert_clean_checkpoints(tmp_path)
-    del p
 
 
 def test_kill_during_checkpoint_save_resumes_from_previous(env, reference, tmp_path):

@@ -18,7 +18,7 @@ import base64
 import dataclasses
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -199,7 +199,3 @@ def tree_equal(a, b) -> bool:
         return False
     return all(np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(la, lb))
-
-
-__all__: Sequence[str] = ("CheckpointStore", "Restored", "abstract_like", "restore_arrays", "tree_equal",
-                          "encode_iterator_state", "decode_iterator_state")

@@ -436,14 +436,15 @@ def _truncate_metrics(workdir: str, last_step: int) -> None:
 def _summary_writer_cls():
     """tensorboardX's SummaryWriter, imported without dragging in torch (tensorboardX imports it when present
     only to accept torch tensors, which we never log; importing torch costs seconds at start-up)."""
-    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    block = "tensorboardX" not in sys.modules and "torch" not in sys.modules
+    if block:
         sys.modules["torch"] = None  # makes `import torch` raise ImportError during the import below
-        try:
-            import tensorboardX
-        finally:
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if block:
             del sys.modules["torch"]
-    import tensorboardX
-    return tensorboardX.SummaryWriter
+    return SummaryWriter
 
 
 class _Logger:
