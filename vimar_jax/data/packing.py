@@ -142,7 +142,7 @@ class Trajectory:
 
 @dataclasses.dataclass
 class Group:
-    """All trajectories of one (image, prompt) pair."""
+    """All trajectories of one image."""
     key: str
     image: str                     # image reference (sources.open_image)
     image_hw: tuple[int, int]
@@ -155,39 +155,42 @@ class Group:
 
 def groups_from_records(records: Iterable[Mapping[str, Any]], template: StateTemplate, rewards: Sequence[float]
                         ) -> list[Group]:
-    """Image groups from transition records in file order (`rewards[k]` is record k's reward). Records of a
-    trajectory must be consecutive with indices 0..n-1 (as gen_rollouts writes them)."""
+    """Image groups from transition records in file order (`rewards[k]` is record k's reward): every
+    trajectory of an image, whatever prompt it answered (a sentence state does not hold the prompt), in one
+    group keyed by the image reference. Records of a trajectory must be consecutive with indices 0..n-1 (as
+    gen_rollouts writes them)."""
     groups: dict[str, Group] = {}
     pending: dict[tuple[str, int], list] = {}
     order: list[tuple[str, int]] = []
     for k, rec in enumerate(records):
         key = (rec["group"], rec["traj"])
-        texts = pending.setdefault(key, [])
-        if not texts:
+        items = pending.setdefault(key, [])
+        if not items:
             order.append(key)
-        if rec["index"] != len(texts):
+        if rec["index"] != len(items):
             raise ValueError(f"group {rec['group']!r} trajectory {rec['traj']}: record {k} has sentence index "
-                             f"{rec['index']}, expected {len(texts)} (records of a trajectory must be consecutive)")
-        texts.append((rec["text"], float(rewards[k]), rec))
+                             f"{rec['index']}, expected {len(items)} (records of a trajectory must be consecutive)")
+        items.append((rec["text"], float(rewards[k]), rec))
     for key in order:
         items = pending[key]
         first = items[0][2]
         if len(items) != first["num_sentences"] or not items[-1][2]["done"]:
             raise ValueError(f"group {key[0]!r} trajectory {key[1]}: {len(items)} records for "
                              f"{first['num_sentences']} sentences")
-        g = groups.get(key[0])
+        g = groups.get(first["image"])
         if g is None:
-            g = groups[key[0]] = Group(key[0], first["image"], tuple(first["image_hw"]), [])
-        elif g.image != first["image"]:
-            raise ValueError(f"group {key[0]!r} refers to two images: {g.image!r} and {first['image']!r}")
+            g = groups[first["image"]] = Group(first["image"], first["image"], tuple(first["image_hw"]), [])
+        elif g.image_hw != tuple(first["image_hw"]):
+            raise ValueError(f"image {first['image']!r} has sizes {list(g.image_hw)} and {first['image_hw']} in "
+                             f"different records")
         g.trajectories.append(Trajectory(first["traj"], template.suffix_ids([t for t, _, _ in items]),
                                          np.asarray([r for _, r, _ in items], np.float32), bool(first["gt"])))
     return list(groups.values())
 
 
 def split_groups(groups: Sequence[Group], val_fraction: float, seed: int = 0) -> tuple[list[Group], list[Group]]:
-    """(train, validation): a group is held out when a stable hash of (seed, key) falls below the fraction,
-    so the split does not depend on the order or number of shards."""
+    """(train, validation) by image: a group is held out when a stable hash of (seed, key) falls below the
+    fraction, so the split does not depend on the order or number of shards, and no image is in both."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     train, val = [], []
