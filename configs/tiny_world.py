@@ -31,7 +31,10 @@ SEEDS = dict(clip_train=1, policy_train=2, policy_b_train=3, validation=100, eva
 def _full() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seeds = ml_collections.ConfigDict(SEEDS)
-    c.clip = ml_collections.ConfigDict()       # configs/tiny_clip.py as it is
+    c.clip = ml_collections.ConfigDict(dict(   # configs/tiny_clip.py, shortened to fit the 45-minute rebuild
+        total_steps=500, batch_size=64, warmup_steps=30,
+        data=dict(num_train_scenes=3000),
+    ))
     c.policy = ml_collections.ConfigDict()     # configs/tiny_policy.py as it is
     c.policy_b = ml_collections.ConfigDict()   # configs/tiny_policy_qwen.py as it is
     c.rollouts = ml_collections.ConfigDict(dict(
