@@ -303,3 +303,23 @@ def test_check_workdir_config(tmp_path):
         T.check_workdir_config(str(tmp_path), {**base, "mesh": {"data": 2, "tensor": 2}, "model": {"layers": 3}})
     with pytest.raises(T.WorkdirConfigError, match=r"\['model.dropout'\]"):
         T.check_workdir_config(str(tmp_path), {**base, "model": {"layers": 2, "dropout": 0.1}})
+
+
+def test_fit_with_custom_optimizer(tmp_path):
+    """`fit(tx=(optimizer, schedule))` replaces the config's AdamW: here an optimizer that never moves the
+    params, so the final params equal the initial ones and the logged lr is the given schedule's."""
+    import optax
+
+    mesh = shd.make_mesh(1, 1, 1)
+    cfg = {"total_steps": 2, "checkpoint_every": 0, "log_every": 1, "async_checkpointing": False, "lr": 1.0}
+    tx = (optax.set_to_zero(), optax.constant_schedule(0.25))
+    state = T.fit(cfg, workdir=str(tmp_path), model=demo_model, loss_fn=T.demo_loss,
+                  train_data=iter(T.demo_dataset(16, seed=3)), mesh=mesh, tx=tx)
+    init, _ = T.create_train_state(demo_model, tx[0], mesh=mesh)
+    got, want = flat(jax.device_get(state.params)), flat(jax.device_get(init.params))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    recs = T.read_metrics(str(tmp_path))
+    assert [r["step"] for r in recs] == [1, 2] and all(r["lr"] == 0.25 for r in recs)
+    assert np.isfinite(recs[0]["loss"]) and recs[0]["examples_per_sec"] > 0
+    with ck.CheckpointStore(str(tmp_path / "checkpoints")) as store:
+        assert store.all_steps() == [2]                    # checkpoint_every=0: only the final step

@@ -486,13 +486,16 @@ def fit(config, *, workdir: str, model, loss_fn: LossFn, train_data: Iterable,
         eval_fn: Callable[[TrainState], Mapping[str, float]] | None = None, mesh=None,
         rules: shd.Rules = shd.DEFAULT_RULES, run_config: Mapping | None = None,
         store: ckpt.CheckpointStore | None = None,
-        hooks: Sequence[Callable[[int, Mapping[str, float]], None]] = ()) -> TrainState:
+        hooks: Sequence[Callable[[int, Mapping[str, float]], None]] = (),
+        tx: tuple[optax.GradientTransformation, optax.Schedule] | None = None) -> TrainState:
     """Train to `config.total_steps`, resuming from the latest checkpoint in `workdir` if there is one.
 
     `train_data` yields this host's batches (numpy pytrees, leading dim = global batch / processes); it must
     have `get_state()`/`set_state()` (grain iterators do) for checkpoints to record the data position.
     `run_config` (default: the trainer config) is what is stored in the workdir and compared on resume.
-    `hooks(step, metrics)` run after each step (after any checkpoint save). Returns the final state."""
+    `hooks(step, metrics)` run after each step (after any checkpoint save). `tx=(optimizer, schedule)`
+    replaces `make_optimizer(config)` (e.g. a wrapper that also moves an EMA target network; the schedule is
+    what is logged as `lr`). Returns the final state."""
     cfg = make_config(config)
     workdir = os.path.abspath(os.fspath(workdir))
     os.makedirs(workdir, exist_ok=True)
@@ -500,7 +503,7 @@ def fit(config, *, workdir: str, model, loss_fn: LossFn, train_data: Iterable,
     check_workdir_config(workdir, stored)
 
     mesh = mesh if mesh is not None else shd.mesh_from_config(cfg.mesh)
-    tx, schedule = make_optimizer(cfg)
+    tx, schedule = tx if tx is not None else make_optimizer(cfg)
     state, shardings = create_train_state(model, tx, mesh=mesh, rules=rules, seed=cfg.seed,
                                           trainable=cfg.trainable, master_dtype=cfg.master_dtype)
     step_fn = make_train_step(loss_fn, tx, schedule, shardings, mesh=mesh, rules=rules, grad_accum=cfg.grad_accum,
@@ -574,13 +577,15 @@ def fit(config, *, workdir: str, model, loss_fn: LossFn, train_data: Iterable,
 
 
 def load_state(config, *, workdir: str, model, mesh=None, rules: shd.Rules = shd.DEFAULT_RULES,
-               step: int | None = None) -> TrainState:
+               step: int | None = None,
+               tx: tuple[optax.GradientTransformation, optax.Schedule] | None = None) -> TrainState:
     """The TrainState of checkpoint `step` (latest by default) of a `fit` run in `workdir`, restored onto its
     shardings (e.g. to export the trained model: `load_state(...).model()`). `config`/`model` as given to
-    `fit`; a model part that was not checkpointed (`save_frozen=False`) comes from `model`."""
+    `fit` (and the same `tx`); a model part that was not checkpointed (`save_frozen=False`) comes from
+    `model`."""
     cfg = make_config(config)
     mesh = mesh if mesh is not None else shd.mesh_from_config(cfg.mesh)
-    tx, _ = make_optimizer(cfg)
+    tx, _ = tx if tx is not None else make_optimizer(cfg)
     state, shardings = create_train_state(model, tx, mesh=mesh, rules=rules, seed=cfg.seed, trainable=cfg.trainable,
                                           master_dtype=cfg.master_dtype)
     with_rest = bool(cfg.save_frozen)
