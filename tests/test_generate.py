@@ -35,6 +35,7 @@ TEXT = {"mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=
                       num_attention_heads=4, num_key_value_heads=2, use_sliding_window=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 1e6})}
 VARIANT = {"mistral": "a", "qwen2": "b"}
+LEAN_DOT, LEAN_EOS = 3.0, 1.4     # logit offsets of "." and EOS over spaced words
 IMAGE_HW = [(30, 50), (60, 20), (40, 40), (17, 90), (100, 33), (28, 28), (45, 70)]
 USER_TEXTS = ["Describe this image in detail.", "What is in the image?", "Describe the image."]
 
@@ -50,8 +51,8 @@ def images(hws, seed=0):
 def _lean(model: LlavaNextForConditionalGeneration, tok, seed: int) -> None:
     """Random weights (std 0.2, norms ~1), plus an LM-head prior through a constant "bias channel": hidden
     coordinate 0 is K in every token embedding and image feature, no layer reads or writes it, and the LM
-    head's column 0 turns it into per-token logit offsets (spaced words 0, "." +2.8, EOS +1.8, special and bare
-    tokens -8). Context moves the rest of the distribution, so captions have sentences and end."""
+    head's column 0 turns it into per-token logit offsets (spaced words 0, "." LEAN_DOT, EOS LEAN_EOS, special
+    and bare tokens -8). Context moves the rest of the distribution, so captions have sentences and end."""
     K = 6.0
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -72,15 +73,15 @@ def _lean(model: LlavaNextForConditionalGeneration, tok, seed: int) -> None:
         for t, i in tok.get_vocab().items():
             if t[:1] in ("\u2581", "\u0120") and len(t) > 1:
                 prior[i] = 0.0
-        prior[tok.token_to_id(".")] = 2.8
-        prior[tok.token_to_id("</s>") or tok.token_to_id("<|im_end|>")] = 1.8
+        prior[tok.token_to_id(".")] = LEAN_DOT
+        prior[tok.token_to_id("</s>") or tok.token_to_id("<|im_end|>")] = LEAN_EOS
         hidden = model(input_ids=torch.tensor([[tok.token_to_id(".")] * 4]), output_hidden_states=True).hidden_states
         model.get_output_embeddings().weight[:, 0] = prior / hidden[-1][0, :, 0].mean()
 
 
-def make_policy_dir(path, text: str = "mistral", seed: int = 0):
-    """Write a tiny random LLaVA-NeXT checkpoint with a tiny-world tokenizer to `path`; returns
-    (HF model, HF processor)."""
+def make_policy_dir(path, text: str = "mistral", seed: int = 0, lean: bool = True):
+    """Write a tiny random LLaVA-NeXT checkpoint with a tiny-world tokenizer to `path` (weights leaning towards
+    words, "." and EOS unless `lean=False`); returns (HF model, HF processor)."""
     path = str(path)
     os.makedirs(path, exist_ok=True)
     variant = VARIANT[text]
@@ -101,7 +102,15 @@ def make_policy_dir(path, text: str = "mistral", seed: int = 0):
                           vision_feature_layer=-2, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()
-    _lean(model, tok, seed)
+    if lean:
+        _lean(model, tok, seed)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                is_scale = ("norm" in name or "layrnorm" in name) and name.endswith("weight")
+                p.copy_(1 + 0.1 * noise if is_scale else 0.2 * noise)
     model.generation_config.eos_token_id = ids["eos"]
     model.generation_config.pad_token_id = ids["pad"]
     model.save_pretrained(path)

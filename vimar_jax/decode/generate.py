@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import weakref
@@ -40,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vimar_jax.decode.sampler import Finish, SentenceRule, Settings, Start, decoder_sampler
+from vimar_jax.decode.sampler import (Finish, Sampler, SentenceRule, Settings, Start, decoder_prefill_fn,
+                                      decoder_step_fn)
 from vimar_jax.models.decoder import KVCache
 
 STOPS = ("eos", "sentence")
@@ -163,10 +165,8 @@ class Decoding:
             from vimar_jax import text
 
             self.table = text.sentence_end_table(vlm.processor.tokenizer, self.eos_ids)
-        rule = None if self.table is None else SentenceRule.from_table(self.table)
-        self.sampler, self.params = decoder_sampler(vlm.module.decoder, boundary_fn=rule,
-                                                    max_sentences=MAX_SENTENCES, pad_id=int(vlm.pad_token_id))
-        self.dec_graphdef = nnx.graphdef(vlm.module.decoder)
+        self.dec_graphdef, self.params = nnx.split(vlm.module.decoder)
+        self.sampler = _sampler(self.dec_graphdef, self.table, int(vlm.pad_token_id))
 
     def prefill(self, prompts: Prompts, cache_len: int) -> tuple[Start, KVCache]:
         """Prefill `prompts` into a cache of `cache_len >= bucket` slots -> (decode start, cache)."""
@@ -208,6 +208,20 @@ class Decoding:
 
 
 _RUNTIMES: "weakref.WeakKeyDictionary[Any, Decoding]" = weakref.WeakKeyDictionary()
+_SAMPLERS: dict[Any, Sampler] = {}
+
+
+def _sampler(dec_graphdef, table, pad_id: int) -> Sampler:
+    """One `Sampler` (and so one set of compilations) per decoder architecture, sentence table and pad id,
+    shared by every VLM object with them (a reloaded checkpoint does not recompile)."""
+    digest = None if table is None else hashlib.sha1(b"".join(
+        np.ascontiguousarray(a).tobytes() for a in table)).hexdigest()
+    key = (dec_graphdef, digest, pad_id)
+    if key not in _SAMPLERS:
+        rule = None if table is None else SentenceRule.from_table(table)
+        _SAMPLERS[key] = Sampler(decoder_step_fn(dec_graphdef), prefill_fn=decoder_prefill_fn(dec_graphdef),
+                                 boundary_fn=rule, max_sentences=MAX_SENTENCES, pad_id=pad_id)
+    return _SAMPLERS[key]
 
 
 def decoding(vlm) -> Decoding:

@@ -1,0 +1,290 @@
+"""Scorers for the search engine (`vimar_jax.decode.search.Scorer`): the value model and CLIP.
+
+**Value states (SPEC §1).** A state is rendered with the value checkpoint's chat template exactly as the value
+trainer renders it (`vimar_jax.data.packing.StateTemplate`), and valued at its last token:
+
+- `state="sentence"` (default): one user turn `[image, sentence]`, no generation prompt, the template's
+  closing tokens included; a sentence longer than the checkpoint's `vimar_value.max_suffix_tokens` keeps
+  its first tokens and the closing tokens, as in training;
+- `state="prefix"`: a user turn `[image, prompt]` and an assistant turn holding the caption so far and the
+  sentence (joined by spaces), closing tokens included.
+
+`render_state` gives that text (one image placeholder).
+
+**One image prefix per image.** `ValueScorer.begin` prefills the tokens up to and including the image tokens
+once (batch 1): that boundary is the same for every state of the image, whatever follows. `score` tokenizes
+each *whole* state (with one `<image>` token: special tokens split tokenization, so this equals tokenizing
+the expanded text), checks that the tokens before the image are the cached ones, and values all states in
+one batched forward of their suffixes (every token after the image) against the cached prefix, rows and
+lengths padded to powers of two. Because the suffix is cut from the whole state's tokens, a template whose
+text before the sentence merges with the sentence under tokenization still gives the state's exact tokens.
+The first state scored per image is also tokenized with the image expanded and compared, so a tokenizer for
+which the one-token shortcut would be wrong fails loudly instead of giving different values.
+
+**CLIP.** `ClipScorer` caches the image embedding; a sentence's score is the cosine similarity δ of the
+L2-normalised projected embeddings (no logit scale).
+
+**θ.** `theta_default(value)` reads the statistics the value trainer stores in `config.json["vimar_value"]`
+(see its docstring).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vimar_jax.decode.generate import pow2_bucket
+from vimar_jax.models.decoder import KVCache
+
+DEFAULT_PROMPT = "Describe this image in detail."
+STATES = ("sentence", "prefix")
+DEFAULT_THETA_PERCENTILE = 30
+_SLOT = "\u2063STATE\u2063"   # stands for the state's text while the template is rendered
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+@functools.lru_cache(maxsize=64)
+def _frame(processor, state: str, prompt: str) -> tuple[str, str]:
+    """(head, tail): the rendered state is head + text + tail (head holds the one image placeholder)."""
+    image = {"type": "image"}
+    if state == "sentence":
+        conv = [{"role": "user", "content": [image, {"type": "text", "text": _SLOT}]}]
+    else:
+        conv = [{"role": "user", "content": [image, {"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": [{"type": "text", "text": _SLOT}]}]
+    full = processor.apply_chat_template(conv, add_generation_prompt=False)
+    if full.count(_SLOT) != 1:
+        raise ValueError(f"the value model's chat template must render the state's text once, got {full!r}")
+    head, tail = full.split(_SLOT)
+    if head.count(processor.image_token) != 1 or processor.image_token in tail:
+        raise ValueError(f"the chat template must put exactly one {processor.image_token} before the state's text: "
+                         f"{full!r}")
+    return head, tail
+
+
+def render_state(processor, sentence: str, *, state: str = "sentence", prompt: str = DEFAULT_PROMPT,
+                 previous: Sequence[str] = ()) -> str:
+    """The text of a value state (one image placeholder, not expanded); see the module docstring."""
+    if state not in STATES:
+        raise ValueError(f"state={state!r}: expected one of {STATES}")
+    body = sentence.strip() if state == "sentence" else " ".join(
+        t.strip() for t in [*previous, sentence] if t.strip())
+    head, tail = _frame(processor, state, prompt)
+    return head + body + tail
+
+
+# ------------------------------------------------------------------------------------------ value
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _value_prefill(graphdef, state, ids, pixel_values, gather_index, positions, cache_len):
+    """The image prefix [1, P] (positions -1 = padding) into a cache of `cache_len` slots (the layers the
+    value needs)."""
+    m = nnx.merge(graphdef, state)
+    return m.prefill(ids, pixel_values, None, gather_index, positions, max_len=cache_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_score(graphdef, state, tokens, positions, segment_ids, prefix, last_index):
+    """Values [R] of the suffixes `tokens [R, W]` (segment -1 = padding) after the cached prefix."""
+    m = nnx.merge(graphdef, state)
+    return m.values(tokens, None, None, None, positions, segment_ids, prefix=prefix,
+                    query_index=last_index[:, None])[:, 0]
+
+
+@dataclasses.dataclass
+class ValueContext:
+    """One image: its prefix (tokens through the last image token) prefilled into `cache` (batch 1)."""
+    cache: KVCache
+    length: int                  # prefix tokens
+    image_tokens: int            # image tokens the placeholder expands to
+    before: list[int]            # tokens before the image placeholder
+    prompt: str
+    image_size: tuple[int, int]
+    checked: bool = False        # the expanded-tokenization check was done
+
+
+class ValueScorer:
+    """The value model as a `Scorer`. `value`: a `vimar_jax.vlm.Value` loaded from a directory.
+
+    `state`: "sentence" | "prefix" (default: the checkpoint's `vimar_value.state`); `prompt`: the detail
+    prompt of prefix states (`begin(image, prompt=...)` overrides it per image). States are valued in batches
+    of a power of two >= `min_rows` rows, each padded to a power of two >= `min_width` tokens."""
+
+    def __init__(self, value, *, state: str | None = None, prompt: str = DEFAULT_PROMPT, min_rows: int = 8,
+                 min_width: int = 32):
+        if getattr(value, "path", None) is None:
+            raise ValueError("ValueScorer needs a value model loaded from a directory (tokenizer, processor)")
+        self.value = value
+        self.processor = value.processor
+        self.tokenizer = self.processor.tokenizer
+        self.state = state or value.config.state
+        if self.state not in STATES:
+            raise ValueError(f"state={self.state!r}: expected one of {STATES}")
+        self.prompt = prompt
+        extra = getattr(value.config, "extra", {}) or {}
+        limit = extra.get("max_suffix_tokens")
+        self.max_suffix_tokens = None if limit is None or self.state != "sentence" else int(limit)
+        if self.max_suffix_tokens is not None:
+            head, tail = _frame(self.processor, "sentence", "")
+            self._head_ids = self._encode(head)
+            self._num_tail = len(self._encode(head + tail)) - len(self._head_ids)
+            if self.max_suffix_tokens <= self._num_tail:
+                raise ValueError(f"vimar_value.max_suffix_tokens={limit} leaves no room for a sentence")
+        self.min_rows, self.min_width = int(min_rows), int(min_width)
+        self.graphdef, self.params = nnx.split(value.module)
+        self.shapes: dict[str, set] = {"prefill": set(), "score": set()}
+
+    def _encode(self, text: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def begin(self, image, prompt: str | None = None) -> ValueContext:
+        prompt = self.prompt if prompt is None else prompt
+        head, _ = _frame(self.processor, self.state, prompt)
+        image_id = self.processor.image_token_id
+        ids = self._encode(head)
+        before = ids[:ids.index(image_id)]
+        inputs = self.processor(images=[image], texts=[self.processor.image_token], add_special_tokens=False)
+        hw = tuple(int(v) for v in inputs["image_sizes"][0])
+        n_img = self.processor.num_image_tokens(hw)
+        prefix = np.asarray(before + [image_id] * n_img, np.int32)
+        prep = self.value.prepare(prefix[None], inputs["pixel_values"], inputs["image_sizes"])
+        positions = np.where(prep["valid"], np.arange(prep["valid"].shape[1])[None], -1).astype(np.int32)
+        bucket = prep["input_ids"].shape[1]
+        cache = _value_prefill(self.graphdef, self.params, jnp.asarray(prep["input_ids"]),
+                               jnp.asarray(prep["pixel_values"]), jnp.asarray(prep["gather_index"]),
+                               jnp.asarray(positions), bucket)
+        self.shapes["prefill"].add(bucket)
+        return ValueContext(cache, len(prefix), n_img, before, prompt, hw)
+
+    def suffix(self, ctx: ValueContext, sentence: str, previous: Sequence[str] = ()) -> list[int]:
+        """The tokens of a state after the image placeholder (checked against the cached prefix)."""
+        if not sentence.strip():
+            raise ValueError("an empty sentence is not a state")
+        text = render_state(self.processor, sentence, state=self.state, prompt=ctx.prompt, previous=previous)
+        ids = self._encode(text)
+        image_id = self.processor.image_token_id
+        if ids.count(image_id) != 1:
+            raise ValueError(f"a value state must hold one {self.processor.image_token} token: {text[:200]!r}")
+        i = ids.index(image_id)
+        if ids[:i] != ctx.before:
+            raise ValueError(f"tokenizing the state changes the tokens before the image ({ids[:i]} vs the cached "
+                             f"{ctx.before}): {text[:200]!r}")
+        if not ctx.checked:
+            expanded = self.processor.expand_image_tokens([text], [ctx.image_size])[0]
+            if self._encode(expanded) != ids[:i] + [image_id] * ctx.image_tokens + ids[i + 1:]:
+                raise ValueError("tokenizing the state with the image expanded differs from the prefix + suffix "
+                                 f"tokens: this tokenizer merges across the image tokens ({text[:200]!r})")
+            ctx.checked = True
+        return self._truncate(ids, i)
+
+    def _truncate(self, ids: list[int], i: int) -> list[int]:
+        """The tokens after the image; a sentence state's part after the template head keeps at most
+        `max_suffix_tokens` (its first tokens and the closing ones), as `packing.StateTemplate` does."""
+        rest = ids[i + 1:]
+        if self.max_suffix_tokens is None:
+            return rest
+        n = len(self._head_ids) if ids[:len(self._head_ids)] == self._head_ids else i + 1
+        body = ids[n:]
+        if len(body) <= self.max_suffix_tokens:
+            return rest
+        keep = self.max_suffix_tokens - self._num_tail
+        return ids[i + 1:n] + body[:keep] + body[len(body) - self._num_tail:]
+
+    def score(self, ctx: ValueContext, sentences: Sequence[str],
+              previous: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Values [n] float32 of the states of `sentences` (with `previous[j]`, the caption before sentence j,
+        for prefix states), in one batched pass against the cached image prefix."""
+        n = len(sentences)
+        if n == 0:
+            return np.zeros((0,), np.float32)
+        if previous is not None and len(previous) != n:
+            raise ValueError(f"previous has {len(previous)} entries for {n} sentences")
+        suffixes = [self.suffix(ctx, s, () if previous is None else previous[j]) for j, s in enumerate(sentences)]
+        rows = pow2_bucket(n, self.min_rows)
+        width = pow2_bucket(max(len(s) for s in suffixes), self.min_width)
+        tokens = np.full((rows, width), int(self.value.pad_token_id), np.int32)
+        segments = np.full((rows, width), -1, np.int32)
+        last = np.zeros((rows,), np.int32)
+        for j, s in enumerate(suffixes):
+            tokens[j, :len(s)] = s
+            segments[j, :len(s)] = 0
+            last[j] = len(s) - 1
+        positions = np.broadcast_to(ctx.length + np.arange(width, dtype=np.int32), (rows, width))
+        self.shapes["score"].add((rows, width, ctx.cache.max_len))
+        out = _value_score(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
+                           jnp.asarray(segments), ctx.cache, jnp.asarray(last))
+        return np.asarray(out, np.float32)[:n]
+
+
+# ------------------------------------------------------------------------------------------ theta
+
+def theta_default(value, percentile: float | None = None) -> float:
+    """θ from the sentence-value statistics of a value checkpoint, `config.json["vimar_value"]["stats"]` as
+    `train/train_value.py` writes them (percentiles of the validation sentence values):
+
+        {"p10": .., "p20": .., ..., "p90": .., "mean": .., "std": .., "count": ..,
+         "theta": 1.9,              # optional: an explicit threshold wins
+         "theta_percentile": 30}    # optional: which percentile is θ (default DEFAULT_THETA_PERCENTILE)
+
+    `percentile` overrides both. Raises ValueError (asking for --theta) when the statistics are missing."""
+    extra: Mapping[str, Any] = getattr(value.config, "extra", {}) or {}
+    stats = extra.get("stats", extra.get("value_stats"))
+    where = f"{getattr(value, 'path', None) or 'the value checkpoint'}/config.json"
+    if not isinstance(stats, Mapping):
+        raise ValueError(f"{where} has no vimar_value.stats (validation sentence-value statistics) to default θ "
+                         "from: pass --theta (SearchConfig.theta)")
+    if percentile is None and stats.get("theta") is not None:
+        return float(stats["theta"])
+    q = float(percentile if percentile is not None else stats.get("theta_percentile", DEFAULT_THETA_PERCENTILE))
+    key = f"p{q:g}"
+    if key not in stats:
+        have = sorted(k for k in stats if k.startswith("p") and k[1:].replace(".", "").isdigit())
+        raise ValueError(f"{where}: vimar_value.stats has no {key} (has {have}): pass --theta")
+    return float(stats[key])
+
+
+# ------------------------------------------------------------------------------------------ CLIP
+
+class ClipScorer:
+    """CLIP cosine similarity δ as a `Scorer`. `clip`: a `vimar_jax.clip.CLIP` (`load_clip`), or anything with
+    `embed_images(list[PIL]) -> [N, P]` and `embed_texts(list[str]) -> [N, P]`."""
+
+    def __init__(self, clip, *, min_rows: int = 8):
+        for name in ("embed_images", "embed_texts"):
+            if not callable(getattr(clip, name, None)):
+                raise TypeError(f"ClipScorer needs an object with {name}(...), got {type(clip).__name__}")
+        self.clip = clip
+        self.min_rows = int(min_rows)
+
+    def begin(self, image) -> np.ndarray:
+        emb = np.asarray(self.clip.embed_images([image]), np.float32)
+        if emb.ndim != 2 or emb.shape[0] != 1:
+            raise ValueError(f"embed_images of one image returned shape {emb.shape}")
+        return _unit(emb[0])
+
+    def score(self, ctx: np.ndarray, sentences: Sequence[str], previous=None) -> np.ndarray:
+        if len(sentences) == 0:
+            return np.zeros((0,), np.float32)
+        n = len(sentences)
+        # Pad the batch to a power of two of rows (repeating a sentence): fewer shapes to compile.
+        padded = list(sentences) + [sentences[0]] * (pow2_bucket(n, self.min_rows) - n)
+        emb = np.asarray(self.clip.embed_texts(padded), np.float32)[:n]
+        if emb.shape != (n, ctx.shape[0]):
+            raise ValueError(f"embed_texts returned shape {emb.shape} for {len(sentences)} sentences")
+        return (_unit(emb) @ ctx).astype(np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+__all__ = ["ValueScorer", "ValueContext", "ClipScorer", "render_state", "theta_default", "STATES",
+           "DEFAULT_PROMPT", "DEFAULT_THETA_PERCENTILE"]
