@@ -392,7 +392,7 @@ class Ours:
         s = self.sh
         moves = large_moves(text, min_bytes=s.prompt * s.kv_heads * s.head_dim // 2)
         self.results[f"hlo_moves_{name}"] = moves
-        log(f"ours: wrote {path}; its largest copy / transpose / slice / dynamic-update-slice results:")
+        log(f"ours: wrote {path}; its largest copy / transpose / slice / pad / dynamic-update-slice results:")
         for m in moves[:10]:
             print(f"    {m['op']:<22} {m['shape']:<40} {m['mib']:10.2f} MiB  x{m['count']}", flush=True)
 
@@ -606,12 +606,12 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* (copy|transpose|slice|dynamic-update-slice)\(")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* (copy|transpose|slice|pad|dynamic-update-slice)\(")
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
 
 
 def large_moves(hlo_text: str, min_bytes: int) -> list[dict]:
-    """copy / transpose / slice / dynamic-update-slice instructions (fused or not) producing >= min_bytes,
+    """copy / transpose / slice / pad / dynamic-update-slice instructions (fused or not) producing >= min_bytes,
     grouped by op and shape, largest first. In a decode loop, a copy the size of a cache or a slice the size
     of the weights is a pass over memory that the bandwidth floor does not count."""
     groups: dict = {}
