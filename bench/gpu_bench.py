@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -506,8 +507,9 @@ class Ours:
                     raise
                 log(f"ours: TD step with {layers} layers does not fit ({str(e).splitlines()[0][:120]}); "
                     f"trying {layers // 2}")
-                layers //= 2
-                self.jax.clear_caches()
+            layers //= 2                 # outside the handler: the failed attempt's arrays can be freed now
+            gc.collect()
+            self.jax.clear_caches()
 
     def _td(self, layers: int, remat: str):
         import numpy as np
