@@ -54,16 +54,15 @@ def _dtype(dtype) -> Any:
 
 def load_policy(arg=None, *, dtype="float32", config: SearchConfig = SearchConfig(), prompt_template=None):
     """A `LlavaPolicy` from a directory / `VLM` / `LlavaPolicy` (None: the tiny world's), with batch slots for
-    the config's N·K candidates and caption slots for its longest caption prefix."""
+    the config's N·K candidates and room for a caption of `max_new_tokens` after the prompt (it doubles, one
+    new decode bucket, when a longer caption prefix comes)."""
     from vimar_jax.decode.policy import LlavaPolicy
     from vimar_jax.vlm import VLM, load_vlm
 
     if isinstance(arg, LlavaPolicy):
         return arg
     vlm = arg if isinstance(arg, VLM) else load_vlm(_dir("policy", arg), dtype=_dtype(dtype))
-    longest = max(config.max_new_tokens + (config.max_refine + config.max_append) * config.sentence_max_tokens,
-                  config.max_sentences * config.sentence_max_tokens)
-    return LlavaPolicy(vlm, prompt_template, slots=config.num_candidates, caption_slots=longest + 1)
+    return LlavaPolicy(vlm, prompt_template, slots=config.num_candidates, caption_slots=config.max_new_tokens)
 
 
 def load_value_scorer(arg=None, *, dtype="float32", config: SearchConfig = SearchConfig()):
