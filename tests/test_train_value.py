@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from tests.helpers import max_rel_err
-from tests.test_rollouts import make_clip_dir, make_policy_dir, run_rollouts
+from tests.test_rollouts import make_policy_dir
 from vimar_jax import sharding as shd
 from vimar_jax import td, trainer
 from vimar_jax.convert import io as ckpt_io
@@ -238,16 +238,48 @@ def run_train_value(workdir, *overrides):
     return train_value.main(argv)
 
 
+def write_rollouts(out, seed: int, n: int, shards: int = 2) -> None:
+    """A rollout directory in gen_rollouts' format without running the policy (test_rollouts covers that):
+    per tiny-world scene, its true caption, two rearrangements of it and the ground truth, random δ; the
+    manifest written by gen_rollouts' own `finalize` (τ = P17 of δ)."""
+    sys.path.insert(0, str(ROOT / "train"))
+    import gen_rollouts
+
+    from vimar_jax.data import transitions as tr
+
+    src = sources.tiny_source(seed, n)
+    rng = np.random.default_rng(seed)
+    for k, items in enumerate(gen_rollouts.shard_ranges(n, shards)):
+        w = tr.ShardWriter(str(out), k, shards)
+        deltas = []
+        for i in items:
+            it = src.items[i]
+            img = it.load()
+            sents = S.caption_sentences(S.scene_at(seed, i), np.random.default_rng([seed, i, 1]), "detail")
+            trajs = [sents, list(rng.permutation(sents)), sents[::-1][:3], S.caption_sentences(
+                S.scene_at(seed, i), np.random.default_rng([seed, i, 53]), "detail")]
+            for t, ss in enumerate(trajs):
+                d = rng.uniform(-0.1, 0.4, len(ss))
+                deltas += list(d) if t < 3 else []
+                for rec in tr.trajectory_records(image=it.ref, image_hw=[img.height, img.width], prompt=it.prompt,
+                                                 group=str(i), traj=t, temperature=[0.0, 0.4, 0.8, -1.0][t],
+                                                 gt=t == 3, sentences=ss, spans=[[0, 1]] * len(ss), deltas=d):
+                    w.write(rec)
+        w.commit({"shard": k, "groups": [], "skipped": [], "deltas": deltas, "counts": {"images": len(items)}})
+    settings = {"reward": {"tau": "p17", "alpha": 1.0, "variant": "margin", "ground_truth_reward": 0.27}}
+    assert gen_rollouts.finalize(str(out), shards, settings, src) is not None
+
+
 def test_train_value_end_to_end(policy_dir, tmp_path, capsys):
-    """gen_rollouts on tiny-world scenes, then `train_value.py` for a few steps: metrics.jsonl, checkpoints,
-    value statistics in the HF value directory equal to the values `load_value` gives the validation states
-    run alone; an unknown config key is an error naming it."""
+    """`train_value.py` for a few steps on a rollout directory: metrics.jsonl, checkpoints, value statistics
+    in the HF value directory equal to the values `load_value` gives the validation states run alone; an
+    unknown config key is an error naming it."""
     from vimar_jax.data import transitions as tr
     from vimar_jax.vlm import load_value
 
-    clip = make_clip_dir(tmp_path / "clip")
     rollouts = tmp_path / "rollouts"
-    run_rollouts((policy_dir, clip), rollouts, "tiny:21:5", "--shards", "2")
+    rollouts.mkdir()
+    write_rollouts(rollouts, 21, 5)
     wd = tmp_path / "wd"
     common = [f"--config.init={policy_dir}", f"--config.rollouts={rollouts}", "--config.batch_size=4",
               "--config.eval.batch_size=4", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1",
