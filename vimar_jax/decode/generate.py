@@ -155,7 +155,7 @@ class Decoding:
     prefill and extension. Get it with `decoding(vlm)` (one per VLM object)."""
 
     def __init__(self, vlm):
-        self.vlm = vlm
+        self.pad_id = int(vlm.pad_token_id)     # (no reference to vlm: it keys the weak runtime cache)
         self.graphdef, self.state = nnx.split(vlm.module)
         self.text_config = vlm.module.config.text
         self.dtype = vlm.module.dtype
@@ -166,7 +166,7 @@ class Decoding:
 
             self.table = text.sentence_end_table(vlm.processor.tokenizer, self.eos_ids)
         self.dec_graphdef, self.params = nnx.split(vlm.module.decoder)
-        self.sampler = _sampler(self.dec_graphdef, self.table, int(vlm.pad_token_id))
+        self.sampler = _sampler(self.dec_graphdef, self.table, self.pad_id)
 
     def prefill(self, prompts: Prompts, cache_len: int) -> tuple[Start, KVCache]:
         """Prefill `prompts` into a cache of `cache_len >= bucket` slots -> (decode start, cache)."""
@@ -188,7 +188,7 @@ class Decoding:
         if not 1 <= n <= slots:
             raise ValueError(f"extend needs 1 to {slots} tokens, got {n}")
         width = min(pow2_bucket(n, bucket_min), slots)
-        ids = np.full((1, width), int(self.vlm.pad_token_id), np.int32)
+        ids = np.full((1, width), self.pad_id, np.int32)
         ids[0, :n] = tokens
         pos = np.where(np.arange(width) < n, first_position + np.arange(width), -1).astype(np.int32)[None]
         logits, cache = _extend_prompt(self.dec_graphdef, self.params, prompt, jnp.asarray(ids), jnp.asarray(pos),

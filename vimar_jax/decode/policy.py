@@ -95,9 +95,11 @@ class LlavaPolicy:
         if stop == "sentence" and self.rt.table is None:
             raise ValueError("stop='sentence' needs the tokenizer's sentence table")
         temps = np.asarray(temperatures, np.float32).reshape(-1)
-        rows = temps.shape[0]
+        rows, budget = temps.shape[0], int(max_new_tokens)
         if rows < 1:
             raise ValueError("sample needs at least one temperature (one row)")
+        if budget < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if self.slots is None or rows > self.slots:
             self.slots = max(self.slots or 0, pow2_bucket(rows))
         slots = self.slots
@@ -107,9 +109,6 @@ class LlavaPolicy:
         start, cache = self.rt.extend(ctx.cache, ext, ctx.length - 1, slots=self.caption_slots)
         width = min(pow2_bucket(len(ext), 16), self.caption_slots)
         self.shapes["extend"].add((ctx.cache.max_len, width, self.caption_slots))
-        budget = int(max_new_tokens)
-        if budget < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         buffer = pow2_bucket(budget, MIN_BUFFER)
         pad = slots - rows
         settings = Settings.make(slots, temperature=np.pad(temps, (0, pad)), top_k=int(top_k), top_p=float(top_p),
