@@ -326,6 +326,15 @@ def test_train_value_end_to_end(policy_dir, tmp_path, capsys):
     summary = json.loads((wd / "summary.json").read_text())
     assert summary["final_eval"]["num_states"] == len(got)
 
+    # With an EMA target network (td.ema_decay): trains through the trainer's tx, exports the online model.
+    wd_ema = tmp_path / "wd_ema"
+    assert run_train_value(wd_ema, *common, "--config.total_steps=2", "--config.td.ema_decay=0.9") == 0
+    assert [m["step"] for m in map(json.loads, (wd_ema / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m] == [1, 2]
+    ema_value = load_value(str(wd_ema / "hf"))
+    assert json.loads((wd_ema / "hf" / "config.json").read_text())["vimar_value"]["stats"]["count"] == len(got)
+    assert ema_value.config.value_layer == -2
+
     # A key that does not exist is an error naming it.
     capsys.readouterr()
     assert run_train_value(tmp_path / "wd2", *common, "--config.data.no_such_key=1") == 2

@@ -405,11 +405,6 @@ def train_value(config, workdir: str) -> tuple[trainer.TrainState, dict]:
 
     fit_kw = {}
     if ema:
-        import inspect
-
-        if "tx" not in inspect.signature(trainer.fit).parameters:
-            raise NotImplementedError("td.ema_decay > 0 needs vimar_jax.trainer.fit(..., tx=(optimizer, schedule)), "
-                                      "which this trainer does not have yet")
         model = EMAValueModel(model)
         tcfg.trainable = ema_trainable(tcfg.trainable)
         tx, schedule = trainer.make_optimizer(tcfg)
