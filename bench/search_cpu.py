@@ -23,6 +23,7 @@ import argparse
 import collections
 import statistics
 import tempfile
+import time
 
 from common import Table, fmt, machine_line, random_tiny_world, ratio, shipped_tiny_world
 
@@ -37,6 +38,24 @@ from vimar_jax.vlm import load_value, load_vlm  # noqa: E402
 
 PROMPT = "Describe this image in detail."
 METHODS = ("vimar", "visvm")
+
+
+class Stopwatch:
+    """Wall time spent inside chosen methods of an object (wraps them on the instance)."""
+
+    def __init__(self, obj, names):
+        self.seconds = collections.Counter()
+        for name in names:
+            setattr(obj, name, self._wrap(getattr(obj, name), name))
+
+    def _wrap(self, fn, name):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+        return timed
 
 
 def calibrate_theta(policy, value, config: SearchConfig, image, percentile: float = 25.0) -> float:
@@ -91,11 +110,17 @@ def main(argv=None) -> int:
             engine.run(image, PROMPT, method)
     results = {m: [] for m in METHODS}
     compiles = {m: collections.Counter() for m in METHODS}
+    spent = {m: collections.Counter() for m in METHODS}
+    watch_policy, watch_value = Stopwatch(policy, ("begin", "sample")), Stopwatch(value, ("begin", "score"))
     for image in images[1 + args.warmup:]:
         for method in METHODS:
+            watch_policy.seconds.clear()
+            watch_value.seconds.clear()
             with count_compiles() as counts:
                 results[method].append(engine.run(image, PROMPT, method))
             compiles[method].update(counts)
+            spent[method]["policy"] += sum(watch_policy.seconds.values())
+            spent[method]["value"] += sum(watch_value.seconds.values())
     if tmp is not None:
         tmp.cleanup()
 
@@ -118,6 +143,10 @@ def main(argv=None) -> int:
     t.add("sentences valued per caption", fmt(mean("vimar", "sentences_scored")),
           fmt(mean("visvm", "sentences_scored")), ratio(mean("visvm", "sentences_scored"),
                                                         mean("vimar", "sentences_scored")), "-")
+    n = len(images) - 1 - args.warmup
+    for part, label in (("policy", "policy prefill + sampling"), ("value", "value prefill + scoring")):
+        a, b = spent["vimar"][part] / n, spent["visvm"][part] / n
+        t.add(f"  seconds in {label}", fmt(a, 2), fmt(b, 2), ratio(b, a), "-")
     t.add("sentences in the caption", fmt(sentences["vimar"]), fmt(sentences["visvm"]), "-", "-")
     t.add("compilations in the timed runs", str(sum(compiles["vimar"].values())),
           str(sum(compiles["visvm"].values())), "-", "new shapes met after the warm-up (included above)")
