@@ -7,9 +7,12 @@ LLaVA-NeXT directory with the tiny-world tokenizer, its chat template and proces
 whose next-token distribution leans towards words, "." and EOS (so captions have sentences and end).
 """
 
+import atexit
 import functools
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -121,9 +124,8 @@ def make_policy_dir(path, text: str = "mistral", seed: int = 0, lean: bool = Tru
 @functools.cache
 def world(text: str):
     """(HF model, HF processor, our VLM) of a policy saved once per session."""
-    import tempfile
-
     path = tempfile.mkdtemp(prefix=f"vimar_gen_{text}_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     model, proc = make_policy_dir(path, text)
     return model, proc, load_vlm(path)
 

@@ -9,9 +9,11 @@ equal the value model run on each whole state alone.
 `tiny_model_dirs` is also used by tests/test_caption_cli.py.
 """
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -83,6 +85,7 @@ def make_clip_dir(path, seed=3):
 def tiny_model_dirs() -> dict[str, str]:
     """{policy, value, clip} directories, built once per session."""
     root = tempfile.mkdtemp(prefix="vimar_search_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     dirs = {k: os.path.join(root, k) for k in ("policy", "value", "clip")}
     make_policy_dir(dirs["policy"], "mistral", seed=0)
     make_value_dir(dirs["value"])
