@@ -39,10 +39,12 @@ Sections (`--only`):
   fit, the layer count is halved until it does, and the table says so.
 - `clip`: CLIP-L/336 tower (to layer -2) + projector on 5 tiles (one 672x672 anyres image), ours vs HF.
 
-Every figure is the median of `--repeats` timed runs after one untimed warm-up (compilation). `--json`
-writes all numbers; `--dump-hlo DIR` writes the optimized HLO of the candidates' decode loop, the value
-scoring call and the TD step (from the compilation cache: no extra compile) and prints their large copies,
-transposes and slices (what to look at when a figure is far from its floor).
+Every figure is the median of `--repeats` timed runs after one untimed warm-up (compilation). A section that
+fails is reported and the others still run; sections not started by `--deadline` seconds are skipped; the
+table is printed either way. `--json` writes all numbers (after every section, so a killed run keeps them).
+`--dump-hlo DIR` writes the optimized HLO of the candidates' decode loop, the value scoring call and the TD
+step (taken from the compilation cache: no extra compile) and prints their large copies, transposes, slices
+and pads (what to look at when a figure is far from its floor).
 """
 
 from __future__ import annotations
@@ -221,7 +223,11 @@ def hf_in_child(args, sh: Shapes) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--hf-child", path, "--repeats", str(args.repeats),
                "--dtype", args.dtype] + (["--smoke"] if args.smoke else [])
         env = dict(os.environ, CUDA_MODULE_LOADING="LAZY")
-        proc = subprocess.run(cmd, env=env)
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=args.hf_timeout)
+        except subprocess.TimeoutExpired:
+            log(f"hf: child process still running after {args.hf_timeout:.0f} s: stopped; the HF column stays empty")
+            return {}
         if proc.returncode != 0 or not os.path.exists(path):
             log(f"hf: child process failed (exit {proc.returncode}); the HF column stays empty")
             return {}
@@ -692,6 +698,9 @@ def main(argv=None) -> int:
     p.add_argument("--td-rows", type=int, default=None, help="packed rows per TD step")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     p.add_argument("--dump-hlo", default=None, help="write optimized HLO of decode / value / TD programs here")
+    p.add_argument("--deadline", type=float, default=480.0,
+                   help="seconds after which remaining sections are skipped (the table is still printed)")
+    p.add_argument("--hf-timeout", type=float, default=240.0, help="seconds allowed for the HF child process")
     p.add_argument("--hf-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sh = SMOKE if args.smoke else Shapes()
@@ -715,20 +724,43 @@ def main(argv=None) -> int:
     ours = Ours(sh, args.dtype, args.repeats, args.dump_hlo)
     log(f"jax {jax.__version__} on {ours.device.device_kind} ({ours.device.platform}); shapes "
         f"{'smoke' if args.smoke else '7B'}")
-    if "prefill" in sections or "greedy" in sections or "candidates" in sections or "vimar" in sections:
-        ours.run_prefill()
-    if "greedy" in sections:
-        ours.run_greedy()
-    if "candidates" in sections:
-        ours.run_candidates()
-    if "vimar" in sections:
-        ours.run_vimar()
-    if "clip" in sections:
-        ours.run_clip()
-    ours.results["inference_peak_gib"] = ours.peak_gib()
-    ours.release_inference()
-    if "td" in sections:
-        ours.run_td(args.td_remat)
+    errors: dict[str, str] = {}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ours": ours.results, "hf": hf, "shapes": dataclasses.asdict(sh), "smoke": args.smoke,
+                           "errors": errors, "seconds": time.perf_counter() - t_start}, f, indent=1, default=str)
+
+    def peak_inference():
+        ours.results["inference_peak_gib"] = ours.peak_gib()
+        ours.release_inference()
+
+    steps = [("prefill", ours.run_prefill, bool({"prefill", "greedy", "candidates", "vimar"} & set(sections))),
+             ("greedy", ours.run_greedy, "greedy" in sections),
+             ("candidates", ours.run_candidates, "candidates" in sections),
+             ("vimar", ours.run_vimar, "vimar" in sections),
+             ("clip", ours.run_clip, "clip" in sections),
+             ("release", peak_inference, True),
+             ("td", lambda: ours.run_td(args.td_remat), "td" in sections)]
+    for name, fn, wanted in steps:
+        if not wanted:
+            continue
+        if name != "release" and time.perf_counter() - t_start > args.deadline:
+            log(f"skipping {name}: past the --deadline of {args.deadline:.0f} s")
+            errors[name] = "skipped (deadline)"
+            continue
+        try:
+            fn()
+        except Exception as e:   # noqa: BLE001  one section's failure must not lose the others' numbers
+            if args.smoke:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            log(f"section {name} failed: {errors[name]}")
+        save()
 
     elapsed = time.perf_counter() - t_start
     print()
@@ -736,16 +768,14 @@ def main(argv=None) -> int:
           f"{hf.get('transformers', '-')} + torch {hf.get('torch', '-')} on {hf.get('device', '-')}; "
           f"{'SMOKE shapes' if args.smoke else '7B shapes'}, {sh.prompt}-token prompt, {sh.new_tokens} new tokens, "
           f"{args.dtype}; total {elapsed:.0f} s")
-    peak = ours.results.get("inference_peak_gib")
-    if peak is not None:
-        print(f"peak device memory during inference sections: {peak:.1f} GiB; TD section: "
-              f"{fmt_opt(ours.results.get('td_peak_gib'))} GiB")
+    if ours.results.get("inference_peak_gib") is not None:
+        print(f"peak device memory: {ours.results['inference_peak_gib']:.1f} GiB through the inference sections, "
+              f"{fmt_opt(ours.results.get('td_peak_gib'))} GiB at the end of the TD section")
+    for name, err in errors.items():
+        print(f"section {name}: {err}")
     print(table(ours.results, hf, sh))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ours": ours.results, "hf": hf, "shapes": dataclasses.asdict(sh), "smoke": args.smoke,
-                       "seconds": elapsed}, f, indent=1, default=str)
-    return 0
+    save()
+    return 1 if errors and not all(e.startswith("skipped") for e in errors.values()) else 0
 
 
 def fmt_opt(x) -> str:
