@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.total_steps = 1200
     c.batch_size = 128
-    c.lr = 1e-3
+    c.lr = 2e-3
     c.end_lr = 0.0
     c.warmup_steps = 60
     c.weight_decay = 0.05
@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.workdir = ""      # trainer run directory (checkpoints, metrics.jsonl); "" = a temporary one
 
     c.model = ml_collections.ConfigDict(dict(
-        image_size=48, patch_size=8,
+        image_size=48, patch_size=16,    # one patch per grid cell of the scene
         vision_hidden=96, vision_layers=4, vision_heads=4, vision_mlp=384,
         text_hidden=64, text_layers=3, text_heads=4, text_mlp=256,
         projection_dim=64, hidden_act="quick_gelu", logit_scale_init=2.6592,
@@ -45,6 +45,14 @@ def get_config() -> ml_collections.ConfigDict:
         margin=0.1,                       # hinge on cosines: delta(true) >= delta(false) + margin
         margin_weight=1.0,
         max_logit_scale=100.0,
+        # Training-only linear probes (not saved; 0 = off), cross-entropy against the generator's ground
+        # truth: patch tokens of HF hidden_states[patch_probe_layer] (the LLaVA feature layer) -> what lies
+        # in their grid cell (patch-level features for the policy); pooled image -> all 9 cells; pooled
+        # text -> the colour, shape and cell of the object a sentence mentions.
+        patch_probe_weight=0.5,
+        patch_probe_layer=-2,
+        scene_probe_weight=0.5,
+        text_probe_weight=0.5,
     ))
     c.eval = ml_collections.ConfigDict(dict(
         seed=1001,                  # held-out scene stream (never a training seed)

@@ -140,6 +140,7 @@ def test_contrastive_batches_deterministic_and_resumable():
     assert bt["pixel_values"].shape == (8, 3, 24, 24)
     assert bt["neg_input_ids"].shape == (8, 4, 16)
     np.testing.assert_array_equal(bt["pixel_values"], pool.pixels[bt["scene_index"]])
+    np.testing.assert_array_equal(bt["cell_labels"], [D.cell_labels(pool.scenes[i]) for i in bt["scene_index"]])
     # Row r holds a true sentence and one false sentence per kind of scene scene_index[r], drawn from (seed, step).
     rng = np.random.default_rng([5, 0])
     idx = np.sort(rng.choice(len(pool), 8, replace=False))
@@ -152,6 +153,60 @@ def test_contrastive_batches_deterministic_and_resumable():
         np.testing.assert_array_equal(bt["input_ids"][r], ids[0])
         nids, _ = D.tokenize(tok, negs, 16)
         np.testing.assert_array_equal(bt["neg_input_ids"][r], nids)
+        np.testing.assert_array_equal(bt["labels"][r], D.sentence_labels(pos))
+        np.testing.assert_array_equal(bt["neg_labels"][r], [D.sentence_labels(n) for n in negs])
+
+
+def test_cell_labels_and_patch_cells():
+    np.testing.assert_array_equal(D.patch_cells(6).reshape(6, 6)[:, 0], [0, 0, 3, 3, 6, 6])
+    np.testing.assert_array_equal(D.patch_cells(6).reshape(6, 6)[0], [0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(D.patch_cells(4).reshape(4, 4)[0], [0, 1, 1, 2])  # centres 0.375, 1.125, ...
+    np.testing.assert_array_equal(D.patch_cells(3), np.arange(9))
+    scene = S.scene_at(4, 0)
+    lab = D.cell_labels(scene)
+    colors, shapes = list(S.COLORS), list(S.SHAPES)
+    for o in scene.objects:
+        c = 3 * o.row + o.col
+        assert colors[lab[c, 0] - 1] == o.color and shapes[lab[c, 1] - 1] == o.shape
+        assert ("small", "large")[lab[c, 2] - 1] == o.size
+    empty = set(range(9)) - {3 * o.row + o.col for o in scene.objects}
+    assert all((lab[c] == 0).all() for c in empty)
+
+
+def test_sentence_labels():
+    colors, shapes = list(S.COLORS), list(S.SHAPES)
+    lab = D.sentence_labels("There is a small red circle in the top left corner.")
+    np.testing.assert_array_equal(lab, [colors.index("red") + 1, shapes.index("circle") + 1, 1])
+    lab = D.sentence_labels("At the bottom right, there is a large white heart.")
+    np.testing.assert_array_equal(lab, [colors.index("white") + 1, shapes.index("heart") + 1, 9])
+    np.testing.assert_array_equal(D.sentence_labels("A star is on the left."), [0, shapes.index("star") + 1, 4])
+    np.testing.assert_array_equal(D.sentence_labels("There are three objects."), [0, 0, 0])
+    np.testing.assert_array_equal(D.sentence_labels("The red circle is above the blue star."), [-1, -1, -1])
+
+
+def test_single_pass_embeddings_equal_the_model_api():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from train import train_clip as T
+    from vimar_jax.models import clip as C
+
+    cfg = C.CLIPConfig.from_hf({"model_type": "clip", "projection_dim": 8,
+                                "text_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                                "num_attention_heads": 2, "vocab_size": 103, "eos_token_id": 102},
+                                "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3,
+                                                  "num_attention_heads": 2, "image_size": 16, "patch_size": 8}})
+    model = C.CLIPModel(cfg, rngs=nnx.Rngs(3))
+    px = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 16, 16)), jnp.float32)
+    emb, pooled, tokens = T.image_embeds_and_tokens(model, px, -2)
+    assert max_rel_err(emb, model.image_embeds(px)) <= 1e-6
+    assert max_rel_err(pooled, model.vision(px)[1]) <= 1e-6
+    assert max_rel_err(tokens, model.vision.hidden_states(px, 2)[:, 1:]) <= 1e-6
+    ids = jnp.asarray([[101, 5, 7, 102, 102], [101, 9, 102, 102, 102]])
+    mask = jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    temb, tpooled = T.text_embeds_and_pooled(model, ids, mask)
+    assert max_rel_err(temb, model.text_embeds(ids, mask)) <= 1e-6
+    assert max_rel_err(tpooled, model.text(ids, mask)[1]) <= 1e-6
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -179,13 +234,19 @@ def test_training_loss_decreases(trained):
     assert 0 <= h["retrieval"]["i2t_top1"] <= 1
 
 
-def test_unknown_config_key_is_an_error():
-    from absl import flags
-
+def test_config_overrides_and_unknown_keys():
     from train import train_clip as T
 
-    with pytest.raises(flags.Error, match="config.model.bogus"):
-        T.main(["train_clip", "--config", "configs/tiny_clip.py", "--out", "/nonexistent", "--config.model.bogus=1"])
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['model.bogus'\]"):
+        T.parse_config(["train_clip", "--config", "configs/tiny_clip.py", "--out", "/x", "--config.model.bogus=1"])
+    with pytest.raises(ValueError, match=r"\['nope'\]"):
+        T.parse_config(["train_clip", "--config=configs/tiny_clip.py", "--out", "/x", "--config.lr=0.1",
+                        "--config.nope=1"])
+    with pytest.raises(ValueError, match="--out"):
+        T.parse_config(["train_clip", "--config", "configs/tiny_clip.py"])
+    c = T.parse_config(["train_clip", "--config", "configs/tiny_clip.py", "--out", "/x", "--config.total_steps=7",
+                        "--config.model.patch_size=8"])
+    assert (c.total_steps, c.model.patch_size, c.out, c.workdir) == (7, 8, "/x", "")
 
 
 def _ours_cosines(model, out, images, texts):

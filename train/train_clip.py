@@ -87,19 +87,100 @@ def save_hf(model: clip_lib.CLIPModel, config: dict, out: str, *, metrics: dict 
 
 # ------------------------------------------------------------------------------------------------- loss
 
-def make_loss_fn(loss_cfg):
-    """`loss_fn(model, batch, rng) -> (loss, aux)` for the trainer (see the module docstring)."""
+class LinearHeads(nnx.Module):
+    """One linear map whose outputs are split into classification heads of the given sizes."""
+
+    def __init__(self, hidden: int, sizes: Sequence[int], *, rngs: nnx.Rngs):
+        self.sizes = tuple(int(n) for n in sizes)
+        n = sum(self.sizes)
+        self.kernel = nnx.Param(0.02 * jax.random.normal(rngs.params(), (hidden, n)), axes=("embed", None))
+        self.bias = nnx.Param(jnp.zeros((n,)), axes=(None,))
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        logits = x.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+        return jnp.split(logits, np.cumsum(self.sizes)[:-1].tolist(), axis=-1)
+
+
+def _classes(attributes) -> tuple[int, ...]:
+    return tuple(len(values) + 1 for _, values in attributes)
+
+
+class Probes(nnx.Module):
+    """Training-only linear probes (never saved) that give both towers the tiny world's structure early:
+    `patch`: each patch token of the vision feature layer -> (colour, shape, size) of its grid cell's object;
+    `scene`: the pooled image output -> the (colour, shape, size) of all 9 cells;
+    `text`: the pooled text output -> (colour, shape, cell) of the object the sentence mentions."""
+
+    def __init__(self, config: clip_lib.CLIPConfig, *, rngs: nnx.Rngs):
+        cells = _classes(clip_data.CELL_ATTRIBUTES)
+        self.patch = LinearHeads(config.vision.hidden_size, cells, rngs=rngs)
+        self.scene = LinearHeads(config.vision.hidden_size, (9 * sum(cells),), rngs=rngs)  # split per cell
+        self.text = LinearHeads(config.text.hidden_size, _classes(clip_data.SENTENCE_ATTRIBUTES), rngs=rngs)
+
+
+class CLIPTrainModel(nnx.Module):
+    """What the trainer optimises: the CLIP model and its probes."""
+
+    def __init__(self, config: clip_lib.CLIPConfig, *, rngs: nnx.Rngs):
+        self.clip = clip_lib.CLIPModel(config, rngs=rngs)
+        self.probes = Probes(config, rngs=rngs)
+
+
+def _l2(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _probe_loss(heads: Sequence[jax.Array], targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy and accuracy of heads [..., n_j] against targets [..., j] (target < 0: ignored)."""
+    losses, hits, count = 0.0, 0.0, 0.0
+    for j, h in enumerate(heads):
+        t = targets[..., j]
+        w = (t >= 0).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(h, jnp.maximum(t, 0))
+        losses += jnp.sum(w * ce)
+        hits += jnp.sum(w * (jnp.argmax(h, -1) == t))
+        count += jnp.sum(w)
+    count = jnp.maximum(count, 1.0)
+    return losses / count, hits / count
+
+
+def image_embeds_and_tokens(model: clip_lib.CLIPModel, pixel_values: jax.Array, layer: int):
+    """(L2-normalised image embeddings [N, Pr], pooled output [N, E], patch tokens [N, P, E] of HF
+    `hidden_states[layer]`), with one pass through the vision tower."""
+    vision = model.vision
+    e = vision.config.hidden_size
+    states = vision.hidden_states(pixel_values, (layer, -1))
+    tokens, last = states[..., :e], states[..., e:]
+    pooled = vision.post_layernorm(last[:, 0])
+    return _l2(pooled @ model.visual_projection[...].astype(last.dtype)), pooled, tokens[:, 1:]
+
+
+def text_embeds_and_pooled(model: clip_lib.CLIPModel, input_ids: jax.Array, attention_mask: jax.Array):
+    """(L2-normalised text embeddings [N, Pr], pooled output [N, E])."""
+    _, pooled = model.text(input_ids, attention_mask)
+    return _l2(pooled @ model.text_projection[...].astype(pooled.dtype)), pooled
+
+
+def make_loss_fn(loss_cfg, grid: int):
+    """`loss_fn(model, batch, rng) -> (loss, aux)` for the trainer (see the module docstring); `grid` is
+    the vision tower's patch grid side (for the patch probe's cell labels)."""
     margin, margin_weight = float(loss_cfg.margin), float(loss_cfg.margin_weight)
     max_log_scale = math.log(float(loss_cfg.max_logit_scale))
     hard_in_softmax = bool(loss_cfg.hard_negatives_in_softmax)
+    weights = {name: float(loss_cfg[f"{name}_probe_weight"]) for name in ("patch", "scene", "text")}
+    probe_layer = int(loss_cfg.patch_probe_layer)
+    cells = jnp.asarray(clip_data.patch_cells(grid))
 
-    def loss_fn(model: clip_lib.CLIPModel, batch, rng):
+    def loss_fn(train_model: CLIPTrainModel, batch, rng):
         del rng
+        model, probes = train_model.clip, train_model.probes
         b, k, t = batch["neg_input_ids"].shape
-        img = model.image_embeds(batch["pixel_values"])
-        pos_txt = model.text_embeds(batch["input_ids"], batch["attention_mask"])
-        neg_txt = model.text_embeds(batch["neg_input_ids"].reshape(b * k, t),
-                                    batch["neg_attention_mask"].reshape(b * k, t)).reshape(b, k, -1)
+        img, img_pooled, tokens = image_embeds_and_tokens(model, batch["pixel_values"], probe_layer)
+        pos_txt, pos_pooled = text_embeds_and_pooled(model, batch["input_ids"], batch["attention_mask"])
+        neg_txt, neg_pooled = text_embeds_and_pooled(model, batch["neg_input_ids"].reshape(b * k, t),
+                                                     batch["neg_attention_mask"].reshape(b * k, t))
+        neg_txt = neg_txt.reshape(b, k, -1)
         sim = img @ pos_txt.T                                   # [B, B] cosines
         sim_neg = jnp.einsum("bp,bkp->bk", img, neg_txt)         # [B, K]
         scale = jnp.exp(jnp.minimum(model.logit_scale[...].astype(jnp.float32), max_log_scale))
@@ -114,6 +195,18 @@ def make_loss_fn(loss_cfg):
         aux = {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "hinge": hinge, "logit_scale": scale,
                "acc_i2t": jnp.mean(jnp.argmax(sim, axis=1) == labels), "pair_acc": jnp.mean(gap > 0),
                "delta_true": pos.mean(), "delta_false": sim_neg.mean()}
+        scene_heads = jnp.split(probes.scene(img_pooled)[0].reshape(b, 9, -1),
+                                np.cumsum(probes.patch.sizes)[:-1].tolist(), axis=-1)
+        text_targets = jnp.concatenate([batch["labels"], batch["neg_labels"].reshape(b * k, -1)])
+        for name, (heads, targets) in {
+                "patch": (probes.patch(tokens), batch["cell_labels"][:, cells]),
+                "scene": (scene_heads, batch["cell_labels"]),
+                "text": ([jnp.concatenate(h) for h in zip(probes.text(pos_pooled), probes.text(neg_pooled))],
+                         text_targets)}.items():
+            if weights[name]:
+                ce, acc = _probe_loss(heads, targets)
+                loss = loss + weights[name] * ce
+                aux[f"{name}_probe"], aux[f"{name}_probe_acc"] = ce, acc
         return loss, aux
 
     return loss_fn
@@ -253,7 +346,7 @@ def trainer_config(config) -> ml_collections.ConfigDict:
 
 def train_clip(config) -> dict:
     """Train, evaluate on held-out scenes, and (if `config.out`) write the HF directory. Returns metrics."""
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     _check(config)
     kinds = _kinds(config)
     hf = hf_config(config.model)
@@ -277,8 +370,9 @@ def train_clip(config) -> dict:
     t0 = time.perf_counter()
     try:
         state = trainer.fit(trainer_config(config), workdir=workdir,
-                            model=lambda rngs: clip_lib.CLIPModel(cfg, rngs=rngs),
-                            loss_fn=make_loss_fn(config.loss), train_data=data, run_config=run_config,
+                            model=lambda rngs: CLIPTrainModel(cfg, rngs=rngs),
+                            loss_fn=make_loss_fn(config.loss, cfg.vision.grid), train_data=data,
+                            run_config=run_config,
                             hooks=[hook])
     finally:
         if tmp is not None:
@@ -286,14 +380,14 @@ def train_clip(config) -> dict:
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model = state.model()
+    model = state.model().clip
     held = clip_data.ScenePool.build(config.eval.seed, config.eval.num_scenes, icfg)
     items = clip_data.eval_items(held, seed=config.eval.seed, per_kind=config.eval.false_per_kind, kinds=kinds)
     heldout = evaluate(model, held, items, batch_size=config.eval.batch_size, kinds=kinds)
     t_eval = time.perf_counter() - t0
 
     keys = ("loss", "loss_i2t", "loss_t2i", "hinge", "acc_i2t", "pair_acc", "logit_scale", "delta_true",
-            "delta_false")
+            "delta_false", *(f"{n}_probe{a}" for n in ("patch", "scene", "text") for a in ("", "_acc")))
     metrics = {
         "heldout": {"seed": int(config.eval.seed), **heldout},
         "train": {"steps": int(config.total_steps), "batch_size": int(config.batch_size),
@@ -307,6 +401,8 @@ def train_clip(config) -> dict:
         save_hf(model, hf, config.out, metrics=None)
         metrics["wall_time_s"]["save"] = time.perf_counter() - t0
     metrics["wall_time_s"]["total"] = time.perf_counter() - t_start
+    # CPU seconds of this process (all threads): on a shared machine, wall time overstates the cost.
+    metrics["cpu_time_s"] = time.process_time() - c_start
     if config.out:
         _write_json(os.path.join(config.out, "metrics.json"), metrics)
     return metrics
@@ -318,19 +414,48 @@ def _write_json(path, obj) -> None:
         f.write("\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _unknown_overrides(argv: Sequence[str]) -> list[str]:
+    """The `--config.KEY=VALUE` keys of argv that the recipe file given by `--config` does not have."""
+    import runpy
+
+    path = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+                 if a in ("--config", "-config") or a.startswith(("--config=", "-config="))), None)
+    if path is None:
+        return []
+    config = runpy.run_path(path.split(":", 1)[0])["get_config"]()
+    bad = []
+    for a in argv:
+        if a.lstrip("-").startswith("config."):
+            key = a.lstrip("-").split("=", 1)[0][len("config."):]
+            node = config
+            for part in key.split("."):
+                if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                    bad.append(key)
+                    break
+                node = node[part]
+    return bad
+
+
+def parse_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """The recipe from `argv` (`--config FILE --out DIR [--workdir DIR] [--config.KEY=VALUE ...]`, argv[0]
+    being the program name); an unknown KEY is a ValueError naming it."""
     from absl import flags
     from ml_collections import config_flags
 
+    argv = list(argv)
     fl = flags.FlagValues()
+    # sys_argv: config_flags reads the --config.KEY overrides from it (default: the process's sys.argv).
     config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/tiny_clip.py", flag_values=fl,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=argv)
     flags.DEFINE_string("out", None, "HF CLIP directory to write", flag_values=fl)
     flags.DEFINE_string("workdir", None, "trainer run directory (resumable); default: a temporary one",
                         flag_values=fl)
-    fl(list(sys.argv if argv is None else argv))
+    try:
+        fl(argv)
+    except (AttributeError, KeyError) as e:  # config_flags' message for an unknown key is a bare KeyError
+        raise ValueError(f"unknown config key(s) {_unknown_overrides(argv)} ({e!r})") from None
     if fl.config is None:
-        raise SystemExit("--config is required (e.g. --config configs/tiny_clip.py)")
+        raise ValueError("--config is required (e.g. --config configs/tiny_clip.py)")
     config = fl.config
     with config.unlocked():
         if fl.out:
@@ -338,12 +463,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if fl.workdir:
             config.workdir = fl.workdir
     if not config.out:
-        raise SystemExit("--out DIR is required")
-    metrics = train_clip(config)
+        raise ValueError("--out DIR is required")
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    metrics = train_clip(parse_config(sys.argv if argv is None else argv))
     h = metrics["heldout"]
     print(json.dumps({"retrieval": h["retrieval"], "pairwise_acc": h["pairwise_acc"],
                       "delta_true": h["delta"]["true"], "delta_false": h["delta"]["false"],
-                      "best_split": h["best_split"], "wall_time_s": metrics["wall_time_s"]}, indent=2))
+                      "best_split": h["best_split"], "wall_time_s": metrics["wall_time_s"],
+                      "cpu_time_s": metrics["cpu_time_s"]}, indent=2))
     return 0
 
 

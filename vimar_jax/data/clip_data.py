@@ -137,19 +137,63 @@ def pixel_values(images: Sequence, cfg: image_lib.ImageConfig) -> np.ndarray:
 
 # -------------------------------------------------------------------------------------------- batches
 
+# Attribute classes of a grid cell's content: index 0 = empty cell, then the tiny world's values.
+CELL_ATTRIBUTES = (("color", tuple(S.COLORS)), ("shape", S.SHAPES), ("size", S.SIZES))
+
+
+def cell_labels(scene: S.Scene) -> np.ndarray:
+    """int32 [9, 3]: per grid cell (row-major), the (colour, shape, size) class of its object, 0 if empty
+    (classes 1.. follow `CELL_ATTRIBUTES`)."""
+    out = np.zeros((9, len(CELL_ATTRIBUTES)), np.int32)
+    for o in scene.objects:
+        out[3 * o.row + o.col] = [values.index(getattr(o, name)) + 1 for name, values in CELL_ATTRIBUTES]
+    return out
+
+
+# Classes of what a sentence says about the one object it mentions: 0 = not stated, then the values.
+SENTENCE_ATTRIBUTES = (("color", tuple(S.COLORS)), ("shape", S.SHAPES), ("cell", tuple(range(9))))
+
+
+def sentence_labels(text: str) -> np.ndarray:
+    """int32 [3]: the (colour, shape, cell) classes (`SENTENCE_ATTRIBUTES`) of the one object `text`
+    mentions (parsed by CHAIR's tiny-world parser); all 0 when it mentions none ("There are three
+    objects."), all -1 (ignored) when it mentions several."""
+    from vimar_jax.eval.chair import parse_mentions
+
+    mentions = parse_mentions(text)
+    if len(mentions) > 1:
+        return np.full(3, -1, np.int32)
+    if not mentions:
+        return np.zeros(3, np.int32)
+    m = mentions[0]
+    color = list(S.COLORS).index(m.color) + 1 if m.color else 0
+    cell = 3 * m.cell[0] + m.cell[1] + 1 if m.cell else 0
+    return np.array([color, S.SHAPES.index(m.shape) + 1, cell], np.int32)
+
+
+def patch_cells(grid: int) -> np.ndarray:
+    """int32 [grid * grid]: the 3x3 scene cell each patch (row-major) lies in, by the patch centre. The
+    image is resized to a square without cropping, so the scene grid maps onto the patch grid."""
+    c = np.minimum(((np.arange(grid) + 0.5) * 3 / grid).astype(np.int32), 2)
+    return (3 * c[:, None] + c[None, :]).reshape(-1).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ScenePool:
-    """Scenes 0..n-1 of the stream `seed` with their preprocessed pixels [n, 3, S, S]."""
+    """Scenes 0..n-1 of the stream `seed`, their preprocessed pixels [n, 3, S, S] and their cell labels
+    [n, 9, 3] (`cell_labels`)."""
     seed: int
     scenes: tuple[S.Scene, ...]
     pixels: np.ndarray
+    labels: np.ndarray
 
     @staticmethod
     def build(seed: int, n: int, cfg: image_lib.ImageConfig) -> "ScenePool":
         if n < 1:
             raise ValueError(f"ScenePool needs n >= 1 scenes, got {n}")
         sc = tuple(S.scenes(seed, n))
-        return ScenePool(seed, sc, pixel_values([S.render(s) for s in sc], cfg))
+        return ScenePool(seed, sc, pixel_values([S.render(s) for s in sc], cfg),
+                         np.stack([cell_labels(s) for s in sc]))
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -170,7 +214,8 @@ def contrastive_batch(pool: ScenePool, tok: Tokenizer, *, seed: int, step: int, 
 
     pixel_values [B, 3, S, S]; input_ids/attention_mask [B, T] (one true sentence per image);
     neg_input_ids/neg_attention_mask [B, K, Tn] (one false sentence per kind in `kinds`; Tn = `neg_text_len`,
-    default `text_len`: false sentences are single-object sentences, shorter than captions); scene_index [B].
+    default `text_len`: false sentences are single-object sentences, shorter than captions); cell_labels
+    [B, 9, 3]; labels [B, 3] and neg_labels [B, K, 3] (`sentence_labels`); scene_index [B].
     """
     if batch_size > len(pool):
         raise ValueError(f"batch_size {batch_size} exceeds the scene pool ({len(pool)} scenes)")
@@ -188,6 +233,9 @@ def contrastive_batch(pool: ScenePool, tok: Tokenizer, *, seed: int, step: int, 
     return {"pixel_values": pool.pixels[idx], "input_ids": ids, "attention_mask": mask,
             "neg_input_ids": nids.reshape(batch_size, k, tn),
             "neg_attention_mask": nmask.reshape(batch_size, k, tn),
+            "cell_labels": pool.labels[idx],
+            "labels": np.stack([sentence_labels(t) for t in pos]),
+            "neg_labels": np.stack([sentence_labels(t) for t in neg]).reshape(batch_size, k, 3),
             "scene_index": idx.astype(np.int32)}
 
 
