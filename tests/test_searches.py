@@ -27,7 +27,7 @@ from tests.test_generate import images, make_policy_dir
 from vimar_jax.data import clip_data
 from vimar_jax.data.packing import StateTemplate
 from vimar_jax.decode.sampler import count_compiles
-from vimar_jax.decode.scorers import ValueScorer, render_state, theta_default
+from vimar_jax.decode.scorers import ValueScorer, _pack_first_fit, render_state, theta_default
 from vimar_jax.decode.search import METHODS, SearchConfig
 from vimar_jax.pipeline import build_engine
 from vimar_jax.vlm import load_value, load_vlm
@@ -130,6 +130,19 @@ def test_value_scores_equal_whole_states_alone():
         for j in (0, 4):
             np.testing.assert_allclose(scorer.score(ctx, [SENTENCES[j]]), [want[j]], rtol=0, atol=tol)
         np.testing.assert_allclose(scorer.score(ctx, SENTENCES[::-1] * 3)[:5], want[::-1], rtol=0, atol=tol)
+        # Packed several states to a row (the 15 states share a few rows), and with rows just wide enough.
+        lengths = [len(scorer.suffix(ctx, s)) for s in SENTENCES * 3]
+        assert len(_pack_first_fit(lengths, scorer.min_width)) < len(lengths) // 3
+        narrow = ValueScorer(value, min_width=8)
+        np.testing.assert_allclose(narrow.score(narrow.begin(image), SENTENCES * 3),
+                                   np.tile(want, 3), rtol=0, atol=tol)
+
+
+def test_pack_first_fit_longest_first_into_the_first_row_with_room():
+    assert _pack_first_fit([5, 3, 4, 2, 6], 8) == [[3, 4], [0, 1], [2]]
+    assert _pack_first_fit([8, 8], 8) == [[0], [1]]
+    with pytest.raises(ValueError, match="9 suffix tokens exceeds the row width 8"):
+        _pack_first_fit([2, 9], 8)
 
 
 def test_value_prefix_state_and_truncation(tmp_path):
@@ -259,14 +272,20 @@ def test_every_method_on_many_images_compiles_once_per_bucket():
     for method in METHODS:
         caps = [results[(i, method)].caption for i in range(len(HW))]
         assert sum(bool(c) for c in caps) >= len(HW) // 2, (method, caps)
+    # (Relative to the image's largest value: a state packed among others sums in another order, and a
+    # value near zero is a cancellation whose own relative error is larger.)
     checked = 0
     for i in range(0, len(HW), 5):
         ctx = scorer.begin(pics[i])
+        alone_values, search_values = [], []
         for method in ("visvm", "vimar"):
             for s in results[(i, method)].sentences:
                 assert s.value is not None
-                assert max_rel_err(scorer.score(ctx, [s.text]), [s.value]) <= 1e-5
+                alone_values.append(float(scorer.score(ctx, [s.text])[0]))
+                search_values.append(s.value)
                 checked += 1
+        if alone_values:
+            assert max_rel_err(search_values, alone_values) <= 1e-5
         for s in results[(i, "clip-search")].sentences:
             assert s.value == pytest.approx(float(eng.clip.score(eng.clip.begin(pics[i]), [s.text])[0]), abs=1e-5)
     assert checked >= 5

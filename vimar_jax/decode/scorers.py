@@ -15,8 +15,13 @@ trainer renders it (`vimar_jax.data.packing.StateTemplate`), and valued at its l
 once (batch 1): that boundary is the same for every state of the image, whatever follows. `score` tokenizes
 each *whole* state (with one `<image>` token: special tokens split tokenization, so this equals tokenizing
 the expanded text), checks that the tokens before the image are the cached ones, and values all states in
-one batched forward of their suffixes (every token after the image) against the cached prefix, rows and
-lengths padded to powers of two. Because the suffix is cut from the whole state's tokens, a template whose
+one batched forward of their suffixes (every token after the image) against the cached prefix. Suffixes are
+packed several to a row as the value trainer packs them (`vimar_jax.data.packing.pack_row`): segment ids
+1..m within a row (-1 = padding), each suffix's positions restarting at the prefix length, its value read at
+its last token. The decoder's attention with a `prefix=` cache (and no per-row cache) takes `segment_ids`:
+a suffix sees the prefix by position and only its own segment's earlier tokens. Rows hold `min_width` tokens
+(a power of two, more only when one suffix is longer) and their count is a power of two, so calls reuse
+compilations. Because the suffix is cut from the whole state's tokens, a template whose
 text before the sentence merges with the sentence under tokenization still gives the state's exact tokens.
 The first state scored per image is also tokenized with the image expanded and compared, so a tokenizer for
 which the one-token shortcut would be wrong fails loudly instead of giving different values.
@@ -92,10 +97,10 @@ def _value_prefill(graphdef, state, ids, pixel_values, gather_index, positions, 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _value_score(graphdef, state, tokens, positions, segment_ids, prefix, last_index):
-    """Values [R] of the suffixes `tokens [R, W]` (segment -1 = padding) after the cached prefix."""
+    """Values [R, Q] at token indices `last_index [R, Q]` of the packed suffixes `tokens [R, W]` (segments
+    1..m per row, -1 = padding) after the cached prefix."""
     m = nnx.merge(graphdef, state)
-    return m.values(tokens, None, None, None, positions, segment_ids, prefix=prefix,
-                    query_index=last_index[:, None])[:, 0]
+    return m.values(tokens, None, None, None, positions, segment_ids, prefix=prefix, query_index=last_index)
 
 
 @dataclasses.dataclass
@@ -114,11 +119,12 @@ class ValueScorer:
     """The value model as a `Scorer`. `value`: a `vimar_jax.vlm.Value` loaded from a directory.
 
     `state`: "sentence" | "prefix" (default: the checkpoint's `vimar_value.state`); `prompt`: the detail
-    prompt of prefix states (`begin(image, prompt=...)` overrides it per image). States are valued in batches
-    of a power of two >= `min_rows` rows, each padded to a power of two >= `min_width` tokens."""
+    prompt of prefix states (`begin(image, prompt=...)` overrides it per image). States are packed
+    first-fit (longest first) into rows of `min_width` tokens (the next power of two >= the longest suffix
+    when that is more), a power of two >= `min_rows` of rows per call."""
 
-    def __init__(self, value, *, state: str | None = None, prompt: str = DEFAULT_PROMPT, min_rows: int = 8,
-                 min_width: int = 32):
+    def __init__(self, value, *, state: str | None = None, prompt: str = DEFAULT_PROMPT, min_rows: int = 1,
+                 min_width: int = 128):
         if getattr(value, "path", None) is None:
             raise ValueError("ValueScorer needs a value model loaded from a directory (tokenizer, processor)")
         self.value = value
@@ -208,20 +214,48 @@ class ValueScorer:
         if previous is not None and len(previous) != n:
             raise ValueError(f"previous has {len(previous)} entries for {n} sentences")
         suffixes = [self.suffix(ctx, s, () if previous is None else previous[j]) for j, s in enumerate(sentences)]
-        rows = pow2_bucket(n, self.min_rows)
         width = pow2_bucket(max(len(s) for s in suffixes), self.min_width)
+        packed = _pack_first_fit([len(s) for s in suffixes], width)
+        rows = pow2_bucket(len(packed), self.min_rows)
         tokens = np.full((rows, width), int(self.value.pad_token_id), np.int32)
+        positions = np.full((rows, width), ctx.length, np.int32)
         segments = np.full((rows, width), -1, np.int32)
-        last = np.zeros((rows,), np.int32)
-        for j, s in enumerate(suffixes):
-            tokens[j, :len(s)] = s
-            segments[j, :len(s)] = 0
-            last[j] = len(s) - 1
-        positions = np.broadcast_to(ctx.length + np.arange(width, dtype=np.int32), (rows, width))
+        last = np.zeros((rows, width), np.int32)          # query slots: at most one state per token
+        where = np.zeros((n, 2), np.int64)                # (row, query slot) of each state
+        for r, members in enumerate(packed):
+            t = 0
+            for q, j in enumerate(members):
+                s = suffixes[j]
+                tokens[r, t:t + len(s)] = s
+                positions[r, t:t + len(s)] = ctx.length + np.arange(len(s))
+                segments[r, t:t + len(s)] = q + 1
+                t += len(s)
+                last[r, q] = t - 1
+                where[j] = (r, q)
         self.shapes["score"].add((rows, width, ctx.cache.max_len))
         out = _value_score(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
                            jnp.asarray(segments), ctx.cache, jnp.asarray(last))
-        return np.asarray(out, np.float32)[:n]
+        return np.asarray(out, np.float32)[where[:, 0], where[:, 1]]
+
+
+def _pack_first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Indices of `lengths` packed into rows of `width` tokens: longest first, each into the first row with
+    room (states keep their original order within a row)."""
+    order = sorted(range(len(lengths)), key=lambda j: (-lengths[j], j))
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for j in order:
+        if lengths[j] > width:
+            raise ValueError(f"a value state of {lengths[j]} suffix tokens exceeds the row width {width}")
+        for r, u in enumerate(used):
+            if u + lengths[j] <= width:
+                rows[r].append(j)
+                used[r] += lengths[j]
+                break
+        else:
+            rows.append([j])
+            used.append(lengths[j])
+    return [sorted(r) for r in rows]
 
 
 # ------------------------------------------------------------------------------------------ theta
