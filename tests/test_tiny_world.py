@@ -71,6 +71,17 @@ def test_overrides_name_an_unknown_key():
         TW.apply_overrides(base, {"sub": {"nope": 1}}, "clip")
 
 
+def test_ground_truth_reward_from_the_rollouts_deciles():
+    from train import tiny_world as TW
+
+    stats = {"count": 10, "p10": 0.1, "p90": 0.42}
+    assert TW.resolve_gt_reward("p90", stats) == 0.42 and TW.resolve_gt_reward(0.27, stats) == 0.27
+    with pytest.raises(ValueError, match="no p95"):
+        TW.resolve_gt_reward("p95", stats)
+    with pytest.raises(ValueError, match="expected a number"):
+        TW.resolve_gt_reward("high", stats)
+
+
 # ---------------------------------------------------------------------------------------- quick rebuild
 
 @pytest.mark.slow

@@ -104,7 +104,25 @@ def value_config(cfg, out: str, work: str) -> ml_collections.ConfigDict:
     apply_overrides(c, cfg.value, "value")
     c.init = os.path.join(out, "policy")
     c.rollouts = os.path.join(work, "rollouts")
+    with open(os.path.join(c.rollouts, "manifest.json"), encoding="utf-8") as f:
+        delta_stats = json.load(f)["delta_stats"]
+    c.data.ground_truth_reward = str(resolve_gt_reward(cfg.gt_reward, delta_stats))
     return c
+
+
+def resolve_gt_reward(spec, delta_stats: dict) -> float:
+    """The constant reward of ground-truth sentences: a number, or a percentile of the rollouts' δ ("p90";
+    the manifest holds the deciles), as 0.27 is about P90 of δ for CLIP-L/336 on COCO (SPEC §2)."""
+    s = str(spec).strip()
+    if s.startswith("p"):
+        if s not in delta_stats:
+            raise ValueError(f"gt_reward={spec!r}: the rollouts' δ statistics have no {s} (they have "
+                             f"{sorted(k for k in delta_stats if k.startswith('p'))})")
+        return float(delta_stats[s])
+    try:
+        return float(s)
+    except ValueError:
+        raise ValueError(f"gt_reward={spec!r}: expected a number or a decile like 'p90'") from None
 
 
 # ------------------------------------------------------------------------------------------------ stages
