@@ -4,6 +4,9 @@ Mistral-style decoder, trained from scratch on true scene captions under detail 
 `python train/train_sft.py --config configs/tiny_policy.py --workdir DIR --clip CLIP_DIR [--config.KEY=VALUE]`.
 Top-level keys are the trainer's (`vimar_jax.trainer.default_config()`); `model`, `data` and `eval` are the
 recipe's. Small on purpose: it captions fluently but still hallucinates (wrong colours, absent shapes).
+Measured with an interim tiny CLIP (500 CLIP steps, patch probe): 697 s of CPU time for the whole run, 25 min
+wall on the shared, overloaded 2-core machine (an idle one was not available; CPU time suggests well under
+10 min); 50 held-out scenes, greedy: CHAIR_I 0.56, CHAIR_S 0.82, recall 0.23, 98% end with EOS.
 """
 
 import ml_collections
@@ -15,11 +18,11 @@ from vimar_jax.data.sft_data import DEFAULT_PROMPT
 def get_config() -> ml_collections.ConfigDict:
     c = trainer.default_config()
     c.seed = 0
-    c.total_steps = 500
-    c.batch_size = 16
-    c.lr = 2e-3
+    c.total_steps = 1000
+    c.batch_size = 8                # 8 x 1000 steps beat 16 x 500 on held-out recall (0.23 vs 0.18)
+    c.lr = 3e-3
     c.end_lr = 1e-4
-    c.warmup_steps = 30
+    c.warmup_steps = 50
     c.weight_decay = 0.01
     c.max_grad_norm = 1.0
     c.trainable = "freeze:vision"   # the CLIP tower stays as trained
