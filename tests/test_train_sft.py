@@ -162,7 +162,7 @@ def test_labels_match_hf_tokenization_and_loss_is_hand_computed(trained):
 
     model = trained.state.model()
     loss, aux = jax.jit(T.sft_loss)(model, batch)
-    hidden, _ = model(batch["input_ids"], batch["pixel_values"], None, batch["gather_index"])
+    hidden, _ = model(batch["input_ids"], batch["pixel_values"], None, sft_data.model_gather_index(model, batch))
     logits = np.asarray(model.logits(hidden), np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
@@ -178,6 +178,15 @@ def test_labels_match_hf_tokenization_and_loss_is_hand_computed(trained):
     # the prompt/image positions' own loss is different: including them would have changed the value
     prompt_nll = np.mean([-logp[0, t - 1, ids[0, t]] for t in range(1, spans[0][0])])
     assert abs(prompt_nll - np.mean(nll)) > 1e-3
+    # Each row alone (a micro-batch of gradient accumulation, or one host's share) gives that row's loss:
+    # the gather index is row-local, so a slice of the batch still reads its own image's features.
+    for b in range(len(captions)):
+        row = {k: v[b:b + 1] for k, v in batch.items()}
+        row_loss, row_aux = jax.jit(T.sft_loss)(model, row)
+        n_b = spans[b][1] - spans[b][0]
+        row_nll = nll[sum(s[1] - s[0] for s in spans[:b]):][:n_b]
+        assert float(row_aux["weight"]) == n_b
+        assert abs(float(row_loss) - np.mean(row_nll)) <= TOL * np.mean(row_nll)
 
 
 def test_long_captions_are_truncated_and_bad_templates_rejected(trained):

@@ -173,7 +173,7 @@ def sft_loss(model: ln.LlavaNext, batch, rng=None):
     """(loss, aux): mean next-token cross-entropy over the label tokens (`label_mask`), the logit at
     `label_pos` predicting `label_ids`; aux has `token_acc` and the label count as `weight`."""
     del rng
-    hidden, _ = model(batch["input_ids"], batch["pixel_values"], None, batch["gather_index"])
+    hidden, _ = model(batch["input_ids"], batch["pixel_values"], None, sft_data.model_gather_index(model, batch))
     h = jnp.take_along_axis(hidden, batch["label_pos"][..., None], axis=1)           # [B, L, E]
     logits = model.logits(h)                                                          # [B, L, V] f32
     logp = jax.nn.log_softmax(logits, axis=-1)

@@ -297,6 +297,10 @@ def collate(items: Sequence[dict], *, length_buckets: Sequence[int], max_label_t
         pixels[b, :pv.shape[0]] = pv
         sizes[b] = it["image_size"]
     index, n_tokens = image_lib.feature_gather_index(sizes, n_patch, image_config)
+    # Row-local indices (each row as a batch of one image), so that any split of the batch into micro-batches
+    # or hosts stays right; `model_gather_index` turns them into indices into the batch's feature array.
+    per_row = n_patch * image_config.tokens_per_view
+    index = np.where(index >= B * per_row, per_row, index - np.arange(B)[:, None] * per_row).astype(np.int32)
     if image_token_id is not None:
         counts = (ids == image_token_id).sum(1)
         if (counts != n_tokens).any():
@@ -321,3 +325,11 @@ def dataset(source, encoder: Encoder, *, batch_size: int, seed: int, length_buck
         items, length_buckets=length_buckets, max_label_tokens=encoder.max_label_tokens, pad_id=encoder.pad_id,
         image_config=encoder.processor.image_config, image_token_id=encoder.processor.image_token_id)
     return ds.map(encoder).batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+
+
+def model_gather_index(model, batch):
+    """The batch's row-local `gather_index` as indices into the flat features of this (micro-)batch."""
+    from vimar_jax.data.packing import batch_gather_index
+
+    return batch_gather_index(batch["gather_index"], batch["pixel_values"].shape[1],
+                              model.config.image_config().tokens_per_view)
