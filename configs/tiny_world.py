@@ -31,14 +31,11 @@ SEEDS = dict(clip_train=1, policy_train=2, policy_b_train=3, validation=100, eva
 def _full() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seeds = ml_collections.ConfigDict(SEEDS)
-    c.clip = ml_collections.ConfigDict(dict(   # configs/tiny_clip.py, shortened to fit the 45-minute rebuild
-        total_steps=500, batch_size=64, warmup_steps=30,
-        data=dict(num_train_scenes=3000),
-    ))
+    c.clip = ml_collections.ConfigDict()       # configs/tiny_clip.py as it is
     c.policy = ml_collections.ConfigDict()     # configs/tiny_policy.py as it is
     c.policy_b = ml_collections.ConfigDict()   # configs/tiny_policy_qwen.py as it is
     c.rollouts = ml_collections.ConfigDict(dict(
-        num_scenes=400,             # (image, prompt) pairs: scenes 0..N-1 of the policy's training stream
+        num_scenes=800,             # (image, prompt) pairs: scenes 0..N-1 of the policy's training stream
         temperatures="0,0.2,0.4,0.6,0.8",
         top_p=0.9,
         max_new_tokens=128,
@@ -50,7 +47,7 @@ def _full() -> ml_collections.ConfigDict:
     # a decile of the rollouts' δ; "p90" as 0.27 is about P90 of δ for CLIP-L/336 on COCO (SPEC §2).
     c.gt_reward = "p90"
     c.value = ml_collections.ConfigDict(dict(
-        num_epochs=4,
+        num_epochs=3,
         batch_size=8,
         eval=dict(batch_size=8),
     ))
