@@ -100,7 +100,15 @@ def test_loss_falls_on_a_fixed_batch(trained):
 def test_vision_tower_is_frozen_and_exported_unchanged(trained, clip_dir):
     clip = load_file(os.path.join(clip_dir, "model.safetensors"))
     ours = load_file(os.path.join(trained.hf, "model.safetensors"))
-    vision = {k[len("vision_model."):]: v for k, v in clip.items() if k.startswith("vision_model.")}
+    # The tower is kept up to the feature layer (-2): the CLIP's last layer never reaches the policy.
+    with open(os.path.join(clip_dir, "config.json")) as f:
+        n_clip = json.load(f)["vision_config"]["num_hidden_layers"]
+    with open(os.path.join(trained.hf, "config.json")) as f:
+        hf = json.load(f)
+    assert hf["vision_config"]["num_hidden_layers"] == n_clip - 1 and hf["vision_feature_layer"] == -1
+    dropped = f"encoder.layers.{n_clip - 1}."
+    vision = {k[len("vision_model."):]: v for k, v in clip.items()
+              if k.startswith("vision_model.") and dropped not in k}
     exported = {k[len("vision_tower.vision_model."):]: v for k, v in ours.items()
                 if k.startswith("vision_tower.vision_model.")}
     assert vision.keys() == exported.keys() and len(vision) > 10

@@ -97,6 +97,16 @@ def write_assets(out: str, *, variant: str, image_size: int, patch_size: int, pi
     _write_json(os.path.join(out, "generation_config.json"), {f"{k}_token_id": v for k, v in ids.items()})
 
 
+def vision_layers_used(num_layers: int, feature_layer: int) -> int:
+    """How many CLIP encoder layers LLaVA's `vision_feature_layer` (HF `hidden_states` indexing: 0 is the
+    embeddings, -1 the last layer) actually runs."""
+    n = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 1 <= n <= num_layers:
+        raise ValueError(f"vision_feature_layer={feature_layer} is outside the CLIP tower's hidden states "
+                         f"1..{num_layers} (or -{num_layers}..-1)")
+    return n
+
+
 def scratch_hf_config(model_cfg, clip_config: dict, processor: Processor) -> dict:
     """The HF `LlavaNextConfig` dict of a new policy: the CLIP's vision config, the recipe's decoder, the
     tokenizer's vocabulary and special ids."""
@@ -108,6 +118,12 @@ def scratch_hf_config(model_cfg, clip_config: dict, processor: Processor) -> dic
         raise ValueError("the CLIP config.json has no vision_config")
     vision["model_type"] = "clip_vision_model"
     S_ = int(vision["image_size"])
+    feature_layer = int(m.vision_feature_layer)
+    used = vision_layers_used(int(vision["num_hidden_layers"]), feature_layer)
+    if used < int(vision["num_hidden_layers"]):
+        # The layers after the feature layer never reach the policy: keep the tower up to it (HF
+        # hidden_states[-1] of the shortened tower is hidden_states[feature_layer] of the whole one).
+        vision["num_hidden_layers"], feature_layer = used, -1
     text = {"model_type": m.text_type, "vocab_size": tok.vocab_size, "hidden_size": m.hidden_size,
             "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
             "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim,
@@ -121,7 +137,7 @@ def scratch_hf_config(model_cfg, clip_config: dict, processor: Processor) -> dic
     return {"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
             "vision_config": vision, "text_config": text,
             "image_grid_pinpoints": parse_pinpoints(m.pinpoints, S_),
-            "vision_feature_layer": int(m.vision_feature_layer), "vision_feature_select_strategy": "default",
+            "vision_feature_layer": feature_layer, "vision_feature_select_strategy": "default",
             "image_token_index": processor.image_token_id, "projector_hidden_act": m.projector_hidden_act,
             "multimodal_projector_bias": True, "tie_word_embeddings": False, "image_seq_length": grid * grid,
             "dtype": "float32"}
@@ -142,11 +158,15 @@ def init_from_scratch(config, assets: str):
                  pinpoints=parse_pinpoints(config.model.pinpoints, S_))
     hf = scratch_hf_config(config.model, clip_hf, Processor.from_dir(assets))
     cfg = ln.LlavaNextConfig.from_hf(hf, remat=config.model.remat)
-    tower = nnx.state(clip.vision, nnx.Param)
+    used = int(hf["vision_config"]["num_hidden_layers"])
+    tower = nnx.to_pure_dict(nnx.state(clip.vision, nnx.Param))
+    tower["layers"] = {k: v[:used] for k, v in tower["layers"].items()}   # stacked [L, ...]: the layers it runs
 
     def factory(rngs: nnx.Rngs) -> ln.LlavaNext:
         model = ln.LlavaNext(cfg, rngs=rngs)
-        nnx.update(model.vision, tower)
+        state = nnx.state(model.vision, nnx.Param)
+        nnx.replace_by_pure_dict(state, tower)
+        nnx.update(model.vision, state)
         return model
     return factory, hf
 
