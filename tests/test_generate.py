@@ -156,8 +156,26 @@ def hf_generate(text: str, inputs, n: int, eos=None):
 
 
 def ours(text: str, inputs, **kw):
-    return generate(world(text)[2], inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
-                    inputs["attention_mask"], **kw)
+    """`VLM.generate` (the thin method over `decode.generate.generate`) on processor arrays."""
+    return world(text)[2].generate(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
+                                   inputs["attention_mask"], **kw)
+
+
+def hf_token_logprobs(text: str, inputs, tokens, num_candidates: int):
+    """HF log-softmax of each generated token given its prompt (row r = prompt r // num_candidates) and the
+    tokens before it, teacher-forced in one forward over left-padded prompt + tokens."""
+    model = world(text)[0]
+    rep = {k: np.repeat(v, num_candidates, axis=0) for k, v in inputs.items()}
+    ids = np.concatenate([rep["input_ids"], tokens], axis=1)
+    mask = np.concatenate([rep["attention_mask"], np.ones(tokens.shape, rep["attention_mask"].dtype)], axis=1)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       position_ids=torch.tensor(positions), pixel_values=torch.tensor(rep["pixel_values"]),
+                       image_sizes=torch.tensor(rep["image_sizes"])).logits
+    T, n = rep["input_ids"].shape[1], tokens.shape[1]
+    logp = torch.log_softmax(logits[:, T - 1:T - 1 + n].float(), -1).numpy()
+    return np.take_along_axis(logp, tokens[..., None].astype(np.int64), -1)[..., 0]
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -230,6 +248,35 @@ def test_shared_prefix_candidates_equal_copied_prompts():
     other = ours(text, first, num_candidates=3, **{**kw, "seed": 6})
     np.testing.assert_array_equal(other.tokens[0], ref[0])
     assert not np.array_equal(other.tokens[1:], shared.tokens[1:])
+
+
+def test_vlm_generate_candidates_are_seeded_samples_of_their_prompt():
+    """`VLM.generate(..., num_candidates=4, seed=...)` on 2 prompts (different image sizes and lengths): the same
+    seed gives the same rows; another seed changes every sampled row and no greedy one; candidate 0
+    (temperature 0) of prompt b is HF's greedy continuation of prompt b; every token's log-prob is HF's
+    teacher-forced log-prob under its own prompt (at temperature 1 the processed distribution is the model's)."""
+    text, C = "mistral", 4
+    inputs = batch(text, IMAGE_HW[:2], USER_TEXTS[:2])
+    assert len(set(inputs["attention_mask"].sum(1))) == 2
+    kw = dict(max_new_tokens=N, temperature=[0.0, 1.0, 1.0, 1.0], num_candidates=C, eos_token_id=())
+    a = ours(text, inputs, seed=11, **kw)
+    again = ours(text, inputs, seed=11, **kw)
+    other = ours(text, inputs, seed=12, **kw)
+    assert a.tokens.shape == (2 * C, N) and a.num_candidates == C
+    np.testing.assert_array_equal(again.tokens, a.tokens)
+    np.testing.assert_array_equal(again.logprobs, a.logprobs)
+    greedy, _ = hf_generate(text, inputs, N, eos=None)
+    sampled = [r for r in range(2 * C) if r % C]
+    for b in range(2):
+        np.testing.assert_array_equal(a.tokens[b * C], greedy[b])
+        np.testing.assert_array_equal(other.tokens[b * C], greedy[b])
+        assert len({tuple(a.tokens[r]) for r in range(b * C, (b + 1) * C)}) == C      # candidates differ
+    for r in sampled:
+        assert not np.array_equal(other.tokens[r], a.tokens[r])
+    np.testing.assert_allclose(a.raw_logprobs, hf_token_logprobs(text, inputs, a.tokens, C), atol=1e-4)
+    np.testing.assert_allclose(a.logprobs[sampled], a.raw_logprobs[sampled], atol=1e-5)
+    np.testing.assert_array_equal(a.logprobs[::C], 0.0)
+    assert (a.logprobs[sampled] < -1e-3).any()
 
 
 def test_sentence_stop_is_the_first_sentence_of_the_eos_run():

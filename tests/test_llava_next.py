@@ -355,22 +355,24 @@ def test_missing_tensor_names_the_key(saved_dirs, tmp_path):
 
 def test_greedy_generate_matches_hf_generate():
     """`VLM.generate` (prefill with images, then the shared sampler) equals HF greedy `generate` on a
-    left-padded batch."""
+    left-padded batch of 3 images of different sizes and prompts of different lengths; a row stops at its
+    first EOS, exactly as in HF."""
     name = "mistral_mqa_window"
     model = hf_model(name)
     inputs = batch(name, IMAGE_HW[:3], TEXTS[:3])
+    assert len(set(inputs["attention_mask"].sum(1))) == 3
     T, new = inputs["input_ids"].shape[1], 6
     with torch.no_grad():
         ref = model.generate(**{k: torch.tensor(v) for k, v in inputs.items()}, do_sample=False,
                              max_new_tokens=new, eos_token_id=2, pad_token_id=3).numpy()[:, T:]
     res = ours_vlm(name).generate(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
-                                  inputs["attention_mask"], max_new_tokens=new, eos_ids=[2])
-    tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
-    assert tokens.shape[1] == bucket_length(new)
+                                  inputs["attention_mask"], max_new_tokens=new, eos_token_id=2)
+    assert res.tokens.shape == (3, new) and res.num_candidates == 1
     for b in range(3):
-        n = lengths[b]
-        assert 1 <= n <= new and np.array_equal(tokens[b, :n], ref[b, :n])
+        n = res.lengths[b]
+        assert 1 <= n <= new and np.array_equal(res.tokens[b, :n], ref[b, :n])
         assert n == new or ref[b, n - 1] == 2
+        assert (ref[b, n:] == 3).all()                     # HF pads after the EOS: nothing was cut short
 
 
 def test_sharded_load_and_forward(saved_dirs):

@@ -283,7 +283,7 @@ def greedy_captions(vlm, images: Sequence, prompt: str, *, batch_size: int, max_
         chunk += [chunk[-1]] * (batch_size - n)
         inputs = proc(chunk, [head] * len(chunk), add_special_tokens=add_special)
         res = vlm.generate(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"],
-                           inputs["attention_mask"], max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=[eos])
+                           inputs["attention_mask"], max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=eos)
         toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
         out += [proc.decode(toks[b, :lens[b]]).strip() for b in range(n)]
         ended += [bool(r == Finish.EOS) for r in np.asarray(res.reason)[:n]]

@@ -164,8 +164,6 @@ class VLM(_Base):
         self.module = module
         self.config = module.config
         self._graphdef, self._state = nnx.split(module)
-        self._decoder_graphdef, self._decoder_state = nnx.split(module.decoder)
-        self._samplers = {}
 
     def logits(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None) -> jax.Array:
         """float32 logits [B, T, V] for HF processor arrays (values at padded positions are meaningless)."""
@@ -193,31 +191,21 @@ class VLM(_Base):
                       jnp.asarray(prep["input_ids"][rows, last], jnp.int32), jnp.asarray(Tb, jnp.int32))
         return start, cache
 
-    def generate(self, input_ids, pixel_values=None, image_sizes=None, attention_mask=None, *,
-                 max_new_tokens: int = 64, temperature=0.0, top_k=0, top_p=1.0, eos_ids=None, rng=0,
-                 boundary_fn=None, stop_after_sentences=0):
-        """Sample continuations of HF processor prompts with `vimar_jax.decode.sampler` -> its `DecodeState`
-        (`tokens [B, N]` generated tokens, `lengths [B]`, sentence `boundaries`, ...). Sampling parameters
-        are scalars or per-row sequences (temperature 0 = greedy); `eos_ids` default to the text config's
-        `eos_token_id`. The buffer is `max_new_tokens` rounded up to a power of two (one compile per bucket)."""
-        from vimar_jax.decode.sampler import Sampler, Settings, decoder_step_fn
+    def generate(self, input_ids, pixel_values, image_sizes, attention_mask=None, max_new_tokens: int = 64,
+                 temperature=0.0, top_p=1.0, top_k=0, num_candidates: int = 1, seed: int = 0, *,
+                 stop: str = "eos", eos_token_id=None):
+        """Generate from HF processor arrays -> `vimar_jax.decode.generate.Generation` (host arrays: `tokens
+        [B * num_candidates, max_new_tokens]`, `lengths`, `reason`, sentence `boundaries`, `logprobs`, ...).
 
-        if eos_ids is None:
-            eos = (self.hf_config.get("text_config") or {}).get("eos_token_id")
-            eos_ids = () if eos is None else np.atleast_1d(eos).tolist()
-        buffer = bucket_length(int(max_new_tokens), "pow2")
-        start, cache = self.prefill(input_ids, pixel_values, image_sizes, attention_mask, extra_slots=buffer)
-        key = boundary_fn
-        if key not in self._samplers:
-            self._samplers[key] = Sampler(decoder_step_fn(self._decoder_graphdef), boundary_fn=boundary_fn,
-                                          pad_id=self.pad_token_id)
-        B = start.logits.shape[0]
-        settings = Settings.make(B, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, stop_after_sentences=stop_after_sentences,
-                                 eos_ids=eos_ids)
-        rng = jax.random.PRNGKey(rng) if isinstance(rng, (int, np.integer)) else rng
-        with _rules(self._ctx):
-            return self._samplers[key].decode(self._decoder_state, start, cache, settings, rng, buffer_size=buffer)
+        Delegates to `vimar_jax.decode.generate.generate` (see there): each prompt is prefilled once and its
+        `num_candidates` rows (row r = prompt r // num_candidates) decode against that shared cache. Sampling
+        settings are scalars or per-row sequences; temperature 0 = greedy. `stop` is "eos" or "sentence";
+        `eos_token_id` defaults to the checkpoint's EOS ids (`()` = never stop at EOS)."""
+        from vimar_jax.decode.generate import generate
+
+        return generate(self, input_ids, pixel_values, image_sizes, attention_mask, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, top_k=top_k, num_candidates=num_candidates,
+                        seed=seed, stop=stop, eos_token_id=eos_token_id)
 
 
 class Value(_Base):
