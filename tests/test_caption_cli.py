@@ -81,3 +81,45 @@ def test_missing_models_and_theta_are_clear_errors(tmp_path, capsys, monkeypatch
     assert "--theta" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="clip model directory"):
         pipeline.build_engine(policy=d["policy"], value=False, clip=str(tmp_path / "no_clip"))
+
+
+SEARCH_FLAGS = ["--temperatures", "0.2, 0.6", "-k", "3", "--top-p", "0.8", "--theta", "0.1", "--stage2", "append_only",
+                "--caption-score", "min", "--bon-scorer", "value", "--max-new-tokens", "40", "--sentence-max-tokens",
+                "12", "--max-sentences", "5"]
+
+
+def test_caption_eval_and_demo_share_the_search_flags():
+    """The three verbs parse the same search flags into the same `SearchConfig` (the sampling seed is `--seed`
+    for `vimar caption`, `--search-seed` where `--seed` names the scene stream); unset flags keep the defaults."""
+    from vimar_jax.cli import build_parser
+    from vimar_jax.decode.search import SearchConfig
+
+    want = SearchConfig(temperatures=(0.2, 0.6), samples_per_temperature=3, top_p=0.8, theta=0.1,
+                        stage2="append_only", caption_score="min", bon_scorer="value", max_new_tokens=40,
+                        sentence_max_tokens=12, max_sentences=5, seed=7)
+    parser = build_parser()
+    for argv in (["caption", "a.png", "--seed", "7"], ["eval", "--n", "2", "--seed", "1003", "--search-seed", "7"],
+                 ["demo", "--seed", "1003", "--search-seed", "7"]):
+        args = parser.parse_args([*argv, *SEARCH_FLAGS])
+        assert caption_cli.search_config(args) == want, argv
+        assert caption_cli.search_config(parser.parse_args(argv)) == SearchConfig(seed=7)
+        if argv[0] != "caption":
+            assert args.seed == 1003
+    with pytest.raises(ValueError, match="--temperatures"):
+        caption_cli.search_config(parser.parse_args(["caption", "a.png", "--temperatures", "0.1,hot"]))
+
+
+def test_demo_runs_on_given_model_dirs(tmp_path, capsys):
+    """`vimar demo` with --policy/--value/--clip and the shared search flags: every method's captions, values
+    and table (the shipped-model test in tests/test_tiny_world.py skips until those models are built)."""
+    from vimar_jax.cli import main
+
+    d = tiny_model_dirs()
+    html_path = tmp_path / "demo.html"
+    rc = main(["demo", "--n", "1", "--methods", "greedy,vimar", "--html", str(html_path), "--quiet",
+               "--policy", d["policy"], "--value", d["value"], "--clip", d["clip"], "--search-seed", "3", *FAST])
+    out = capsys.readouterr().out
+    assert rc == 0
+    table = out[out.index("\nmethod ") + 1:].splitlines()
+    assert [line.split()[0] for line in table[2:4]] == ["greedy", "vimar"]
+    assert html_path.read_text().count("<div class='item'>") == 2

@@ -18,32 +18,36 @@ from vimar_jax.decode.search import CAPTION_SCORES, METHODS, STAGE2_MODES, Searc
 DEFAULT_PROMPT = "Describe this image in detail."
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--method", choices=METHODS, default="vimar")
-    p.add_argument("--policy", help="policy checkpoint dir (HF or converted); default: the tiny world's")
-    p.add_argument("--value", help="value model dir; default: the tiny world's")
-    p.add_argument("--clip", help="CLIP dir; default: the tiny world's")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags shared by `vimar caption`, `vimar eval` and `vimar demo`."""
+    p.add_argument("--policy", help="policy checkpoint dir (HF or converted); default: the shipped tiny policy")
+    p.add_argument("--value", help="value model dir; default: the shipped tiny value model")
+    p.add_argument("--clip", help="CLIP dir; default: the shipped tiny CLIP")
     p.add_argument("--prompt", default=None, help=f"detail prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
-    p.add_argument("--html", metavar="REPORT", help="write an HTML report here")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def add_search_arguments(p: argparse.ArgumentParser, *, seed_flag: str = "--seed") -> None:
+    """The search flags shared by `vimar caption`, `vimar eval` and `vimar demo` (defaults: `SearchConfig`'s).
+    The sampling seed is `seed_flag` (`--search-seed` where `--seed` names the scene stream); it is stored as
+    `args.search_seed`."""
     g = p.add_argument_group("search")
-    g.add_argument("--temperatures", default=None, help="comma-separated, e.g. 0.1,0.3,0.5,0.7,0.9")
-    g.add_argument("--samples-per-temperature", "-k", type=int, default=None)
+    g.add_argument("--temperatures", default=None, help="comma-separated, e.g. 0.1,0.3,0.5,0.7,0.9 (N)")
+    g.add_argument("--samples-per-temperature", "-k", type=int, default=None, help="K samples per temperature")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--theta", type=float, default=None, help="weak-sentence threshold (default: stored stats)")
     g.add_argument("--stage2", choices=STAGE2_MODES, default=None)
     g.add_argument("--caption-score", choices=CAPTION_SCORES, default=None)
-    g.add_argument("--bon-scorer", choices=("clip", "value"), default=None, help="scorer of best-of-N")
+    g.add_argument("--bon-scorer", choices=("clip", "value"), default=None, help="best-of-N scorer of 'bon'")
     g.add_argument("--max-new-tokens", type=int, default=None)
-    g.add_argument("--sentence-max-tokens", type=int, default=None)
+    g.add_argument("--sentence-max-tokens", type=int, default=None, help="budget of one candidate sentence")
     g.add_argument("--max-sentences", type=int, default=None, help="cap of step search")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(seed_flag, dest="search_seed", type=int, default=0, help="sampling seed of the searches")
 
 
 def search_config(args) -> SearchConfig:
-    kw = {"seed": args.seed}
+    """`SearchConfig` from the search flags (unset flags keep the defaults)."""
+    kw = {"seed": args.search_seed}
     if args.temperatures:
         try:
             kw["temperatures"] = tuple(float(t) for t in args.temperatures.split(",") if t.strip())
@@ -57,11 +61,27 @@ def search_config(args) -> SearchConfig:
     return SearchConfig(**kw)
 
 
-def needs(method: str, bon_scorer: str) -> tuple[bool, bool]:
-    """(needs the value model, needs CLIP) for a method."""
-    if method == "bon":
-        return bon_scorer == "value", bon_scorer == "clip"
-    return method in ("visvm", "vimar"), method == "clip-search"
+def build_engine_for(args, methods, *, require_theta: bool = False):
+    """The search engine of the model and search flags, loading only the models `methods` need (the shipped
+    tiny models where no directory is given). With `require_theta`, running ViMaR Stage 2 without a θ (flag
+    or stored value statistics) is an error."""
+    from vimar_jax import pipeline
+    from vimar_jax.eval.tiny_eval import needs
+
+    cfg = search_config(args)
+    need_value, need_clip = needs(methods, cfg.bon_scorer)
+    return pipeline.build_engine(policy=args.policy, value=args.value if need_value else False,
+                                 clip=args.clip if need_clip else False, config=cfg, dtype=args.dtype,
+                                 require_theta=require_theta and "vimar" in methods and cfg.stage2 != "off")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--method", choices=METHODS, default="vimar")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--html", metavar="REPORT", help="write an HTML report here")
+    add_model_arguments(p)
+    add_search_arguments(p)
 
 
 def _read_image(path: str):
@@ -74,14 +94,8 @@ def _read_image(path: str):
 def run(args) -> int:
     from tqdm import tqdm
 
-    from vimar_jax import pipeline
-
     try:
-        cfg = search_config(args)
-        need_value, need_clip = needs(args.method, cfg.bon_scorer)
-        engine = pipeline.build_engine(policy=args.policy, value=args.value if need_value else False,
-                                       clip=args.clip if need_clip else False, config=cfg, dtype=args.dtype,
-                                       require_theta=args.method == "vimar" and cfg.stage2 != "off")
+        engine = build_engine_for(args, [args.method], require_theta=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -118,4 +132,5 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "run", "search_config", "needs", "DEFAULT_PROMPT"]
+__all__ = ["add_arguments", "add_model_arguments", "add_search_arguments", "build_engine_for", "run", "search_config",
+           "DEFAULT_PROMPT"]

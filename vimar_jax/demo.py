@@ -16,7 +16,7 @@ DEFAULT_METHODS = "greedy,visvm,vimar"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vimar_jax.eval.cli import add_model_arguments, add_search_arguments
+    from vimar_jax.caption_cli import add_model_arguments, add_search_arguments
 
     p.add_argument("--n", type=int, default=4, help="number of scenes (default 4)")
     p.add_argument("--seed", type=int, default=1001, help="held-out scene stream (default 1001)")
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", default="demo.html", help="HTML report to write (default demo.html; '' = none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_arguments(p)
-    add_search_arguments(p)
+    add_search_arguments(p, seed_flag="--search-seed")
 
 
 def _objects(scene) -> str:
@@ -40,7 +40,7 @@ def _sentence_line(text: str, value, origin: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from vimar_jax.data import scenes as S
     from vimar_jax.eval import tiny_eval
-    from vimar_jax.eval.cli import build_engine_for
+    from vimar_jax.caption_cli import build_engine_for
 
     try:
         methods = tiny_eval.parse_methods(args.methods)

@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 
+from vimar_jax.caption_cli import add_model_arguments, add_search_arguments, build_engine_for
+
 _ROWS = (  # (key, label, is a rate)
     ("chair_s", "CHAIR_S (%)", True),
     ("chair_i", "CHAIR_I (%)", True),
@@ -40,60 +42,6 @@ DEFAULT_METHODS = "greedy,bon,clip-search,visvm,vimar"
 
 # ------------------------------------------------------------------------------------------- arguments
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--policy", help="policy checkpoint dir (HF or converted); default: the shipped tiny policy")
-    p.add_argument("--value", help="value model dir; default: the shipped tiny value model")
-    p.add_argument("--clip", help="CLIP dir; default: the shipped tiny CLIP")
-    p.add_argument("--prompt", default=None, help="detail prompt (default: 'Describe this image in detail.')")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-
-
-def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    """The search flags shared by `vimar eval` and `vimar demo` (defaults: `SearchConfig`'s)."""
-    from vimar_jax.decode.search import CAPTION_SCORES, STAGE2_MODES
-
-    g = p.add_argument_group("search")
-    g.add_argument("--temperatures", default=None, help="comma-separated, e.g. 0.1,0.3,0.5,0.7,0.9 (N)")
-    g.add_argument("--samples-per-temperature", "-k", type=int, default=None, help="K samples per temperature")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--theta", type=float, default=None, help="weak-sentence threshold (default: stored stats)")
-    g.add_argument("--stage2", choices=STAGE2_MODES, default=None)
-    g.add_argument("--caption-score", choices=CAPTION_SCORES, default=None)
-    g.add_argument("--bon-scorer", choices=("clip", "value"), default=None, help="best-of-N scorer of 'bon'")
-    g.add_argument("--max-new-tokens", type=int, default=None)
-    g.add_argument("--max-sentences", type=int, default=None, help="cap of step search")
-    g.add_argument("--search-seed", type=int, default=0, help="sampling seed of the searches")
-
-
-def search_config(args):
-    """`SearchConfig` from the search flags (unset flags keep the defaults)."""
-    from vimar_jax.decode.search import SearchConfig
-
-    kw = {"seed": args.search_seed}
-    if args.temperatures:
-        try:
-            kw["temperatures"] = tuple(float(t) for t in args.temperatures.split(",") if t.strip())
-        except ValueError:
-            raise ValueError(f"--temperatures {args.temperatures!r}: expected comma-separated numbers") from None
-    for name in ("samples_per_temperature", "top_p", "theta", "stage2", "caption_score", "bon_scorer",
-                 "max_new_tokens", "max_sentences"):
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
-    return SearchConfig(**kw)
-
-
-def build_engine_for(args, methods):
-    """The engine of the models the methods need (shipped tiny models where no directory is given)."""
-    from vimar_jax import pipeline
-    from vimar_jax.eval.tiny_eval import needs
-
-    cfg = search_config(args)
-    need_value, need_clip = needs(methods, cfg.bon_scorer)
-    return pipeline.build_engine(policy=args.policy, value=args.value if need_value else False,
-                                 clip=args.clip if need_clip else False, config=cfg, dtype=args.dtype)
-
-
 def _add_tiny_arguments(p: argparse.ArgumentParser, *, n_required: bool) -> None:
     p.add_argument("--n", type=int, required=n_required, default=None, help="number of held-out scenes")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
@@ -104,7 +52,7 @@ def _add_tiny_arguments(p: argparse.ArgumentParser, *, n_required: bool) -> None
     p.add_argument("--no-warmup", action="store_true", help="count the first (compiling) caption in the timings")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_model_arguments(p)
-    add_search_arguments(p)
+    add_search_arguments(p, seed_flag="--search-seed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
