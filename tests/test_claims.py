@@ -1,0 +1,195 @@
+"""bench/claims.py: the acceptance evaluator, τ scaling, and a smoke run of every part on the tiny world.
+
+The smoke run needs the tiny-world models (clip, policy, value, policy_b): the shipped ones, or a rebuilt
+directory given by TINY_WORLD_DIR (`TINY_WORLD_DIR=DIR python -m pytest tests/test_claims.py`); it skips
+while neither exists."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import claims
+from vimar_jax.data import scenes as S
+from vimar_jax.eval.chair import tiny_chair
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("TINY_WORLD_DIR") or ROOT / "vimar_jax" / "assets" / "tiny_world").resolve()
+_MISSING = [n for n in claims.MODEL_DIRS if not (MODELS / n / "config.json").is_file()]
+needs_models = pytest.mark.skipif(bool(_MISSING), reason=f"tiny-world models not built yet ({MODELS}: {_MISSING} "
+                                                         f"missing; set TINY_WORLD_DIR to a rebuilt directory)")
+
+
+def _m(chair_i, recall=0.5, seconds=1.0):
+    return {"metrics": {"chair_i": chair_i, "recall": recall, "seconds_per_caption": seconds}}
+
+
+def _parts(greedy=(0.50, 0.40, 1.0), vimar=(0.30, 0.37, 2.0), visvm=(0.33, 0.40, 3.0), b=(0.6, 0.5),
+           st=(0.5, 0.45, 0.40)):
+    return {
+        "methods": {"preset": "full", "results": {"greedy": _m(*greedy), "vimar": _m(*vimar), "visvm": _m(*visvm)}},
+        "cross_model": {"results": {"greedy": _m(b[0]), "vimar": _m(b[1])}},
+        "self_training": {"results": {"base": _m(st[0]), "greedy": _m(st[1]), "vimar": _m(st[2])}},
+    }
+
+
+def _met(parts):
+    return {c["id"]: c["met"] for c in claims.acceptance(parts)}
+
+
+def test_acceptance_marks_made_up_results_met_and_missed():
+    assert _met(_parts()) == {"vimar_chair_i": True, "vimar_recall": True, "vimar_vs_visvm_chair": True,
+                              "vimar_faster": True, "cross_model": True, "self_training": True}
+    # 0.50 -> 0.36 is 28% lower: missed; recall 6 points lower: missed; slower and worse than VisVM: missed
+    got = _met(_parts(vimar=(0.36, 0.34, 4.0), visvm=(0.35, 0.40, 3.0)))
+    assert not got["vimar_chair_i"] and not got["vimar_recall"]
+    assert not got["vimar_vs_visvm_chair"] and not got["vimar_faster"]
+    # exactly 30% lower and exactly 5 points lower recall still meet the goals
+    got = _met(_parts(greedy=(0.5, 0.40, 1.0), vimar=(0.35, 0.35, 2.0)))
+    assert got["vimar_chair_i"] and got["vimar_recall"]
+    got = _met(_parts(b=(0.6, 0.6), st=(0.5, 0.40, 0.42)))
+    assert got["cross_model"] is False and got["self_training"] is False
+    checks = {c["id"]: c for c in claims.acceptance(_parts(st=(0.5, 0.45, 0.40)))}
+    assert checks["self_training"]["numbers"]["lowered_by_vimar"] == pytest.approx(0.10)
+    assert checks["vimar_chair_i"]["numbers"]["reduction"] == pytest.approx(0.40)
+    # parts not run: not measured (None), never met
+    assert set(_met({}).values()) == {None}
+    # the quick preset's time goal, over the four measuring parts
+    quick = {p: {"preset": "quick", "wall_time_s": 100.0, "loadavg_start": [2.0, 2.0, 2.0], "results": {}}
+             for p in ("methods", "ablations", "cross_model", "self_training")}
+    assert _met(quick)["quick_time"] is True
+    quick["ablations"]["wall_time_s"] = 400.0
+    assert _met(quick)["quick_time"] is False
+
+
+def test_tau_specs_from_the_rollouts_deltas():
+    d = np.random.default_rng(0).normal(0.5, 0.07, size=1000)
+    assert claims.resolve_tau_spec("0", d) == 0.0
+    assert claims.resolve_tau_spec("p17", d) == pytest.approx(np.percentile(d, 17))
+    assert claims.resolve_tau_spec("scaled:0.16", d) == pytest.approx(0.16 * np.percentile(d, 90) / 0.27)
+
+
+def test_missing_models_are_a_clear_error(tmp_path, capsys):
+    assert claims.main(["--models", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--preset", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "clip" in err and "policy_b" in err
+
+
+# ------------------------------------------------------------------------------------------ smoke run
+
+def _run(out: Path, *extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, as a user runs it
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "claims.py"), "--models", str(MODELS), "--out",
+                           str(out), *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return proc, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    if _MISSING:
+        pytest.skip(f"tiny-world models not built yet ({_MISSING} missing)")
+    out = tmp_path_factory.mktemp("claims")
+    proc, seconds = _run(out, "--preset", "smoke")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads(proc.stdout.splitlines()[-1]), seconds
+
+
+def _captions_chair(captions, seed):
+    return tiny_chair(zip(captions, S.scenes(seed, len(captions))))
+
+
+def _same_as_tiny_eval(entry, seed):
+    m = entry["metrics"]
+    ref = _captions_chair(entry["captions"], seed)
+    for key, ref_key in (("chair_i", "chair_i"), ("chair_s", "chair_s"), ("recall", "recall"),
+                         ("attr_chair_i", "attr_chair_i"), ("sentences", "sentences_per_caption")):
+        assert m[key] == pytest.approx(ref[ref_key]), key
+    for key in ("chair_i", "chair_s", "attr_chair_i", "recall"):
+        assert 0.0 <= m[key] <= 1.0
+    assert m["seconds_per_caption"] > 0 and m["tokens_per_caption"] > 0
+
+
+@needs_models
+def test_smoke_every_part(smoke):
+    out, status, _ = smoke
+    assert status["parts"] == {p: "ran" for p in claims.PARTS}
+    cfg = claims.load_config("smoke")
+    seed = cfg.seed
+    assert seed == 1003
+    report = json.loads((out / "claims.json").read_text())
+    parts = report["parts"]
+    assert set(parts) == {"methods", "ablations", "cross_model", "self_training"}
+
+    methods = parts["methods"]
+    assert list(methods["results"]) == list(cfg.methods.names)
+    for entry in methods["results"].values():
+        assert len(entry["captions"]) == cfg.methods.n
+        _same_as_tiny_eval(entry, seed)
+    # greedy decodes one caption; best-of-N decodes N·K of them
+    res = methods["results"]
+    assert res["bon-clip"]["metrics"]["tokens_per_caption"] > res["greedy"]["metrics"]["tokens_per_caption"]
+
+    abl = parts["ablations"]
+    trained = {k: v for k, v in abl["value_models"].items()}
+    assert set(trained) == {"tau_p17", "variant_zero_below"}
+    assert len({v["dir"] for v in trained.values()}) == 2
+    for v in trained.values():   # each model was trained on the re-rewarded rollouts with its own reward
+        assert v["reward"]["tau"] == pytest.approx(v["tau"]) and v["reward"]["variant"] == v["variant"]
+        assert (Path(v["dir"]) / "config.json").is_file()
+    deltas = claims.rollout_deltas(str(out / "work" / "rollouts"))
+    assert abl["taus"]["p17"] == pytest.approx(np.percentile(deltas, 17))
+    groups = [r["group"] for r in abl["rows"]]
+    assert groups.count("tau") == 1 and groups.count("reward") == 1 and groups.count("state") == 2
+    for row in abl["rows"]:
+        _same_as_tiny_eval(row, seed)
+    # the baseline configuration shared by the state, stage 2 and N·K groups is evaluated once
+    by = {(r["group"], r["label"]): r for r in abl["rows"]}
+    assert by[("state", "sentence")]["captions"] == by[("stage2", "replace_append")]["captions"]
+
+    cross = parts["cross_model"]
+    assert cross["policy"].endswith("policy_b")
+    for entry in cross["results"].values():
+        _same_as_tiny_eval(entry, seed)
+
+    st = parts["self_training"]
+    assert set(st["results"]) == {"base", *cfg.self_training.sources}
+    assert st["results"]["base"]["captions"] == methods["results"]["greedy"]["captions"]
+    for method, src in st["sources"].items():
+        lines = [json.loads(x) for x in Path(src["file"]).read_text().splitlines()]
+        assert len(lines) == cfg.self_training.num_scenes and all(x["method"] == method for x in lines)
+        # the captions are of TRAINING scenes (train_seed), and their recorded CHAIR is theirs
+        assert src["training_chair"]["chair_i"] == pytest.approx(
+            _captions_chair([x["caption"] for x in lines], cfg.train_seed)["chair_i"])
+        assert src["sft"]["records"] == len(lines) and src["sft"]["steps"] == cfg.self_training.sft.total_steps
+        _same_as_tiny_eval(st["results"][method], seed)
+
+    # the report: acceptance recomputed from the parts, the table, the two PNGs
+    assert report["acceptance"] == claims.acceptance(parts)
+    md = (out / "claims.md").read_text()
+    for label in ("ViMaR", "VisVM search", "best-of-N (CLIP)", "Acceptance", "policy_b greedy", "fine-tuned on"):
+        assert label in md
+    for c in report["acceptance"]:
+        assert c["met"] in (True, False) and c["goal"] in md
+    for name in ("chair_vs_seconds.png", "chair_vs_tau.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_models
+def test_resume_skips_finished_parts_and_refuses_another_recipe(smoke):
+    out, _, first_seconds = smoke
+    stamps = {p: (out / f"{p}.json").stat().st_mtime_ns for p in ("methods", "ablations", "cross_model",
+                                                                   "self_training")}
+    proc, seconds = _run(out, "--preset", "smoke")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    status = json.loads(proc.stdout.splitlines()[-1])
+    assert status["parts"] == {**{p: "skipped" for p in stamps}, "report": "ran"}
+    assert {p: (out / f"{p}.json").stat().st_mtime_ns for p in stamps} == stamps
+    assert seconds < first_seconds
+    proc, _ = _run(out, "--quick", "--parts", "methods")
+    assert proc.returncode == 2 and "another recipe" in proc.stderr
