@@ -82,6 +82,58 @@ def test_ground_truth_reward_from_the_rollouts_deciles():
         TW.resolve_gt_reward("high", stats)
 
 
+def _provenance_with(value: float) -> dict:
+    from train import tiny_world as TW
+
+    prov: dict = {"complete": True}
+    for path, _ in TW.HEADLINE:
+        node = prov
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return prov
+
+
+def test_rebuild_comparison_applies_the_stated_tolerances(tmp_path, capsys):
+    from train import tiny_world as TW
+
+    ref = _provenance_with(0.5)
+    ok, rows = TW.compare(ref, _provenance_with(0.5))
+    assert ok and len(rows) == len(TW.HEADLINE)
+    near = _provenance_with(0.5)
+    near["heldout"]["policy"]["chair"]["chair_i"] = 0.515            # rate: 0.015 <= 0.02 absolute
+    near["stages"]["value"]["metrics"]["final_eval"]["td_loss"] = 0.509   # scalar: 1.8% <= 2% relative
+    assert TW.compare(ref, near)[0]
+    for path, value in (("heldout.policy.chair.chair_i", 0.525), ("stages.rollouts.metrics.reward.tau", 0.515)):
+        far = json.loads(json.dumps(ref))
+        node = far
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+        ok, rows = TW.compare(ref, far)
+        assert not ok and [r["metric"] for r in rows if not r["within"]] == [path]
+    missing = json.loads(json.dumps(ref))
+    del missing["heldout"]["policy_b"]
+    ok, rows = TW.compare(ref, missing)
+    assert not ok and {r["metric"] for r in rows if not r["within"]} == {"heldout.policy_b.chair.chair_i",
+                                                                          "heldout.policy_b.chair.recall"}
+    # The command: --compare_only reads DIR's record; an unfinished record or a missing one is an error.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "provenance.json").write_text(json.dumps({**near, "sizes": {"total_bytes": 1},
+                                                                "wall_time_s": 1, "cpu_time_s": 1}))
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    args = ["tiny_world.py", "--out", str(tmp_path / "a"), "--compare_only"]
+    assert TW.main(args + ["--compare", str(tmp_path / "ref.json")]) == 0
+    assert "reproduced within tolerance" in capsys.readouterr().out
+    (tmp_path / "ref.json").write_text(json.dumps({**ref, "complete": False}))
+    assert TW.main(args + ["--compare", str(tmp_path / "ref.json")]) == 2
+    assert "did not complete" in capsys.readouterr().err
+    assert TW.main(args + ["--compare", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json: no provenance record" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------- quick rebuild
 
 @pytest.mark.slow

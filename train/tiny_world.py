@@ -2,6 +2,7 @@
 
     python train/tiny_world.py --out DIR [--quick] [--stages clip,policy,rollouts,value,policy_b]
         [--workdir WORK] [--resume] [--config configs/tiny_world.py[:quick]] [--config.KEY=VALUE ...]
+        [--compare REFERENCE [--compare_only]]
 
 Stages, in order (each with the fixed seeds of configs/tiny_world.py):
 1. `clip`: train the tiny CLIP (train/train_clip.py)                                   -> DIR/clip
@@ -19,6 +20,8 @@ from the shipped policy and CLIP. Stage work directories (trainer checkpoints, r
 (default: a temporary directory, removed at the end); they are cleared before a stage runs unless
 `--resume` is given, in which case an interrupted rebuild continues where it stopped (trainers resume
 exactly; finished rollout shards are kept). `--quick` is the CI smoke version (tiny models, a few steps).
+`--compare vimar_jax/assets/tiny_world` checks that the rebuild reproduces the shipped headline metrics
+(`HEADLINE`, `TOLERANCE`) and exits 1 if not.
 """
 
 from __future__ import annotations
@@ -368,10 +371,86 @@ def brief(prov: dict) -> dict:
         c = prov.get("heldout", {}).get(name, {}).get("chair")
         if c:
             out[f"{name}_heldout_greedy"] = {k: round(c[k], 4) for k in ("chair_i", "chair_s", "attr_chair_i", "recall",
-                                                                        "sentences_per_caption")}
+                                                                        "sentences_per_caption") if k in c}
     if "tau" in prov.get("clip_reward", {}):
         out["tau"] = prov["clip_reward"]["tau"]
     return out
+
+
+# Headline metrics a rebuild must reproduce: (path in provenance.json, kind). Tolerances: "rate"
+# (accuracies, CHAIR, recall, correlations) within 0.02 absolute; "scalar" (losses, τ, δ) within 2% relative.
+# On one machine and software stack the pipeline is deterministic and the figures are expected to be equal;
+# the tolerance is for another CPU or XLA version.
+HEADLINE = (
+    ("stages.clip.metrics.validation.retrieval.i2t_top1", "rate"),
+    ("stages.clip.metrics.validation.retrieval.t2i_top1", "rate"),
+    ("stages.clip.metrics.validation.pairwise_acc.all", "rate"),
+    ("stages.clip.metrics.validation.delta.true.mean", "scalar"),
+    ("stages.policy.metrics.train_final.loss", "scalar"),
+    ("stages.policy.metrics.validation.chair.chair_i", "rate"),
+    ("stages.policy.metrics.validation.chair.recall", "rate"),
+    ("stages.rollouts.metrics.reward.tau", "scalar"),
+    ("stages.value.metrics.final_eval.td_loss", "scalar"),
+    ("stages.value.metrics.final_eval.value_corr", "rate"),
+    ("stages.policy_b.metrics.train_final.loss", "scalar"),
+    ("heldout.policy.chair.chair_i", "rate"),
+    ("heldout.policy.chair.chair_s", "rate"),
+    ("heldout.policy.chair.recall", "rate"),
+    ("heldout.policy_b.chair.chair_i", "rate"),
+    ("heldout.policy_b.chair.recall", "rate"),
+)
+TOLERANCE = {"rate": ("abs", 0.02), "scalar": ("rel", 0.02)}
+
+
+def _lookup(record: dict, path: str):
+    node: Any = record
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def compare(reference: dict, rebuilt: dict) -> tuple[bool, list[dict]]:
+    """Compare the headline metrics of two provenance records -> (all within tolerance, rows)."""
+    rows, ok = [], True
+    for path, kind in HEADLINE:
+        a, b = _lookup(reference, path), _lookup(rebuilt, path)
+        mode, tol = TOLERANCE[kind]
+        if a is None or b is None:
+            row = {"metric": path, "reference": a, "rebuilt": b, "diff": None, "tolerance": f"{mode} {tol}",
+                   "within": False}
+        else:
+            diff = abs(float(b) - float(a))
+            bound = tol if mode == "abs" else tol * max(abs(float(a)), 1e-12)
+            row = {"metric": path, "reference": float(a), "rebuilt": float(b), "diff": diff,
+                   "tolerance": f"{mode} {tol}", "within": diff <= bound}
+        ok &= row["within"]
+        rows.append(row)
+    return ok, rows
+
+
+def format_comparison(rows: list[dict]) -> str:
+    lines = [f"{'metric':58s} {'reference':>11s} {'rebuilt':>11s} {'|diff|':>9s}  tolerance  ok"]
+    for r in rows:
+        f = lambda v: "missing" if v is None else f"{v:.5g}"  # noqa: E731
+        lines.append(f"{r['metric']:58s} {f(r['reference']):>11s} {f(r['rebuilt']):>11s} {f(r['diff']):>9s}  "
+                     f"{r['tolerance']:9s}  {'yes' if r['within'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def _read_provenance(path: str) -> dict:
+    path = os.path.join(path, PROVENANCE) if os.path.isdir(path) else path
+    try:
+        with open(path, encoding="utf-8") as f:
+            prov = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no provenance record") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not prov.get("complete"):
+        raise ValueError(f"{path}: the rebuild it records did not complete")
+    return prov
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -391,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags.DEFINE_bool("quick", False, "the CI smoke version (configs/tiny_world.py:quick)", flag_values=fl)
     flags.DEFINE_bool("resume", False, "keep existing stage work directories (continue an interrupted rebuild)",
                       flag_values=fl)
+    flags.DEFINE_string("compare", None, "after the rebuild, compare its headline metrics with this provenance.json "
+                        "(or model directory); exit 1 when one is outside its tolerance", flag_values=fl)
+    flags.DEFINE_bool("compare_only", False, "do not rebuild: compare DIR's existing provenance with --compare",
+                      flag_values=fl)
     try:
         fl(argv)
     except (flags.Error, KeyError, AttributeError, ValueError) as e:
@@ -400,8 +483,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --out DIR is required", file=sys.stderr)
         return 2
     stages = [s.strip() for s in fl.stages.split(",") if s.strip()]
+    if fl.compare_only and not fl.compare:
+        print("error: --compare_only needs --compare REFERENCE", file=sys.stderr)
+        return 2
     try:
-        prov = rebuild(fl.config, fl.out, stages=stages, workdir=fl.workdir, resume=fl.resume, argv=argv[1:])
+        reference = _read_provenance(fl.compare) if fl.compare else None
+        if fl.compare_only:
+            prov = _read_provenance(fl.out)
+        else:
+            prov = rebuild(fl.config, fl.out, stages=stages, workdir=fl.workdir, resume=fl.resume, argv=argv[1:])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -409,6 +499,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if prov["sizes"]["total_bytes"] > SIZE_LIMIT_BYTES:
         print(f"warning: the models total {prov['sizes']['total_bytes'] / 1e6:.1f} MB, over the "
               f"{SIZE_LIMIT_BYTES / 1e6:.0f} MB limit of the shipped tiny world", file=sys.stderr)
+    if reference is not None:
+        ok, rows = compare(reference, prov)
+        print(format_comparison(rows))
+        print("reproduced within tolerance" if ok else "NOT reproduced: see the rows marked NO", flush=True)
+        return 0 if ok else 1
     return 0
 
 
