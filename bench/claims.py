@@ -123,22 +123,18 @@ class Context:
         """The search engine of `methods` over policy (default policy a), value model (default the shipped
         one; `state` overrides its value state) and CLIP, loading each model once per run."""
         from vimar_jax import pipeline
-        from vimar_jax.decode.scorers import ValueScorer, theta_default
+        from vimar_jax.decode.scorers import ValueScorer
         from vimar_jax.eval.tiny_eval import needs
 
         config = config or self.search_config()
         need_value, need_clip = needs(methods, config.bon_scorer)
         scorer = False
-        theta = None
-        if need_value:
-            v = self.value(value or self.model_dir("value"))
-            scorer = ValueScorer(v, state=state, min_rows=config.num_candidates)
-            theta = theta_default(v)
-        engine = pipeline.build_engine(policy=self.vlm(policy or self.model_dir("policy")), value=scorer,
-                                       clip=self.clip() if need_clip else False, config=config)
-        if engine.theta is None and theta is not None:
-            engine.theta = theta
-        return engine
+        if need_value:   # θ: the value model's stored default (build_engine reads it)
+            scorer = ValueScorer(self.value(value or self.model_dir("value")), state=state,
+                                 min_rows=config.num_candidates)
+        return pipeline.build_engine(policy=self.vlm(policy or self.model_dir("policy")), value=scorer,
+                                     clip=self.clip() if need_clip else False, config=config,
+                                     require_theta="vimar" in methods)
 
     def evaluate(self, engine, methods: Sequence[str], *, n: int, seed: int | None = None) -> dict:
         """{method: {"metrics": ..., "captions": [caption of scene i]}} on scenes 0..n-1 of `seed`."""
@@ -216,7 +212,8 @@ def resolve_tau_spec(spec: str, deltas) -> float:
 
     s = str(spec).strip()
     if s.startswith("scaled:"):
-        return float(s.split(":", 1)[1]) * float(np.percentile(np.asarray(deltas, np.float64), 90)) / TAU_REFERENCE["p90"]
+        p90 = float(np.percentile(np.asarray(deltas, np.float64), 90))
+        return float(s.split(":", 1)[1]) * p90 / TAU_REFERENCE["p90"]
     return reward_lib.resolve_tau(s, deltas)
 
 
@@ -354,7 +351,8 @@ def run_cross_model(ctx: Context) -> dict:
     names = list(c.names)
     engine = ctx.engine(names, policy=ctx.model_dir("policy_b"), value=ctx.model_dir("value"))
     return {"n": int(c.n), "seed": int(ctx.cfg.seed), "policy": ctx.model_dir("policy_b"),
-            "value": ctx.model_dir("value"), "search": _search_info(engine.cfg), "results": ctx.evaluate(engine, names, n=int(c.n))}
+            "value": ctx.model_dir("value"), "search": _search_info(engine.cfg),
+            "results": ctx.evaluate(engine, names, n=int(c.n))}
 
 
 # --------------------------------------------------------------------------------------- 4. self-training
@@ -597,14 +595,16 @@ def plots(parts: dict, out: str) -> list[str]:
             fig, ax = plt.subplots(figsize=(6, 4))
             xs = [r["tau"] for r in rows]
             ys = [100 * r["metrics"]["chair_i"] for r in rows]
-            ax.plot(xs, ys, marker="o")
+            ax.plot(xs, ys, marker="o", color="C0", label="margin reward")
             for r, x, y in zip(rows, xs, ys):
                 ax.annotate(r["tau_spec"], (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
-            for r in parts["ablations"]["rows"]:
-                if r["group"] == "reward":
-                    ax.scatter([r["tau"]], [100 * r["metrics"]["chair_i"]], marker="x")
-                    ax.annotate(r["variant"], (r["tau"], 100 * r["metrics"]["chair_i"]), textcoords="offset points",
-                                xytext=(5, -10), fontsize=8)
+            variants = [r for r in parts["ablations"]["rows"] if r["group"] == "reward"]
+            for i, r in enumerate(variants):
+                ax.scatter([r["tau"]], [100 * r["metrics"]["chair_i"]], marker="x", color=f"C{i + 1}",
+                           label=f"{r['variant']} reward")
+                ax.annotate(r["variant"], (r["tau"], 100 * r["metrics"]["chair_i"]), textcoords="offset points",
+                            xytext=(5, -10), fontsize=8)
+            ax.legend(fontsize=8)
             ax.set_xlabel("τ (margin of the reward the value model was trained on)")
             ax.set_ylabel("ViMaR CHAIR_I (%)")
             ax.set_title(f"tiny world, {parts['ablations']['n']} held-out scenes")
@@ -708,7 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--models", default=str(pipeline.TINY_WORLD),
                    help="directory with clip/, policy/, value/, policy_b/ (default: the shipped tiny world)")
-    p.add_argument("--preset", choices=("full", "quick", "smoke"), default=None, help="recipe preset (configs/claims.py)")
+    p.add_argument("--preset", choices=("full", "quick", "smoke"), default=None,
+                   help="recipe preset (configs/claims.py; default full)")
     p.add_argument("--quick", action="store_true", help="the quick preset (every part in minutes)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--progress", action="store_true", help="progress bars")
