@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -68,6 +70,12 @@ def _plain(x):
     if hasattr(x, "to_dict"):
         x = x.to_dict()
     return json.loads(json.dumps(x, default=float))
+
+
+def _weights_stamp(path: str) -> list:
+    """(name, size, mtime) of a model directory's weight files: a retrained model is another model."""
+    names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
+    return [[f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))] for f in names]
 
 
 class Context:
@@ -136,22 +144,48 @@ class Context:
                                      clip=self.clip() if need_clip else False, config=config,
                                      require_theta="vimar" in methods)
 
-    def evaluate(self, engine, methods: Sequence[str], *, n: int, seed: int | None = None) -> dict:
-        """{method: {"metrics": ..., "captions": [caption of scene i]}} on scenes 0..n-1 of `seed`."""
+    def evaluate(self, methods: Sequence[str], *, n: int, seed: int | None = None, policy: str | None = None,
+                 value: str | None = None, state: str | None = None, search: dict | None = None) -> dict:
+        """{method: {"metrics", "captions" (caption of scene i), "theta" (value-guided methods)}} on scenes
+        0..n-1 of `seed` (default the held-out one), through `engine(...)` with the recipe's search settings
+        updated by `search`. Each method's result is kept in OUT/work/evals, keyed by everything it depends
+        on (models and their weight files, settings, scenes, prompt), so an interrupted part resumes there."""
         from vimar_jax.eval import tiny_eval
 
         seed = int(self.cfg.seed if seed is None else seed)
-        w = self.cfg.warmup
-        if int(w.scenes) > 0:   # compile the shapes a method meets on a few validation scenes, uncounted
-            from vimar_jax.data import scenes as S
+        config = self.search_config(**(search or {}))
+        paths = {"policy": os.path.abspath(policy or self.model_dir("policy")),
+                 "value": os.path.abspath(value or self.model_dir("value")), "clip": self.model_dir("clip")}
+        out, engine = {}, None
+        for m in methods:
+            need_value, need_clip = tiny_eval.needs([m], config.bon_scorer)
+            used = {"policy": True, "value": need_value, "clip": need_clip}
+            key = {"method": m, "n": int(n), "seed": seed, "prompt": self.cfg.prompt,
+                   "warmup": _plain(self.cfg.warmup), "search": _plain(dataclasses.asdict(config)),
+                   "state": state if need_value else None,
+                   "models": {r: [p, _weights_stamp(p)] for r, p in paths.items() if used[r]}}
+            digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+            cache = os.path.join(self.work, "evals", f"{m}-{digest}.json")
+            if os.path.isfile(cache):
+                with open(cache, encoding="utf-8") as f:
+                    out[m] = json.load(f)["result"]
+                continue
+            if engine is None:
+                engine = self.engine(methods, policy=paths["policy"], value=paths["value"], state=state,
+                                     config=config)
+            w = self.cfg.warmup
+            if int(w.scenes) > 0:   # compile the shapes the method meets on a few validation scenes, uncounted
+                from vimar_jax.data import scenes as S
 
-            for m in methods:
                 tiny_eval.caption_scenes(engine, S.scenes(int(w.seed), int(w.scenes)), m, prompt=self.cfg.prompt)
-        res = tiny_eval.evaluate(engine, list(methods), n=int(n), seed=seed, prompt=self.cfg.prompt,
-                                 show_progress=not self.quiet, keep=True)
-        caps = res.pop("_captions")
-        return {m: {"metrics": {k: res[m][k] for k in (*METRICS, "wall_seconds") if k in res[m]},
-                    "captions": [c.result.caption for c in caps[m]]} for m in methods}
+            res = tiny_eval.evaluate(engine, [m], n=int(n), seed=seed, prompt=self.cfg.prompt,
+                                     show_progress=not self.quiet, keep=True)
+            out[m] = {"metrics": {k: res[m][k] for k in (*METRICS, "wall_seconds") if k in res[m]},
+                      "captions": [c.result.caption for c in res["_captions"][m]],
+                      "theta": float(engine.theta) if need_value and engine.theta is not None else None}
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            write_json(cache, {"key": key, "result": out[m]})
+        return out
 
     # -- part files --------------------------------------------------------------------------------
     def part_path(self, part: str) -> str:
@@ -190,7 +224,7 @@ def _log(msg: str) -> None:
 def run_methods(ctx: Context) -> dict:
     c = ctx.cfg.methods
     names = list(c.names)
-    res = ctx.evaluate(ctx.engine(names), names, n=int(c.n))
+    res = ctx.evaluate(names, n=int(c.n))
     return {"n": int(c.n), "seed": int(ctx.cfg.seed), "search": _search_info(ctx.search_config()),
             "results": res}
 
@@ -253,6 +287,19 @@ def make_rollouts(ctx: Context) -> dict:
         return json.load(f)
 
 
+def _reused(done: str, key: dict) -> dict | None:
+    """The record of a finished training in `done` when it was made with `key` (its config and inputs);
+    None when there is none; an error naming the directory when it was made otherwise."""
+    if not os.path.isfile(done):
+        return None
+    with open(done, encoding="utf-8") as f:
+        info = json.load(f)
+    if info.get("key") != _plain(key):
+        raise ValueError(f"{os.path.dirname(done)} was trained with another config or inputs than this recipe "
+                         f"asks for; remove it (or use another --out) to retrain")
+    return info
+
+
 def train_value_model(ctx: Context, name: str, tau: float, variant: str) -> dict:
     """A value model from policy a on the ablation rollouts with reward (τ, variant), at the recipe's
     train_value settings (configs/tiny_value.py + ablations.value); reused when already trained."""
@@ -261,14 +308,14 @@ def train_value_model(ctx: Context, name: str, tau: float, variant: str) -> dict
 
     wd = os.path.join(ctx.work, f"value_{name}")
     done = os.path.join(wd, "claims_done.json")
-    if os.path.isfile(done):
-        with open(done, encoding="utf-8") as f:
-            return json.load(f)
     a = ctx.cfg.ablations
     cfg = ml_collections.ConfigDict(dict(value=_plain(a.value), gt_reward=str(a.gt_reward)))
     c = tiny_world.value_config(cfg, ctx.models, ctx.work)
     c.data.tau = repr(float(tau))
     c.data.variant = variant
+    key = {"config": c.to_dict(), "init": _weights_stamp(c.init)}
+    if (info := _reused(done, key)) is not None:
+        return info
     _log(f"value model {name}: τ={tau:.4f} variant={variant}")
     t0 = time.perf_counter()
     state, summary = train_value.train_value(c, wd)
@@ -276,7 +323,7 @@ def train_value_model(ctx: Context, name: str, tau: float, variant: str) -> dict
     info = {"name": name, "dir": os.path.join(wd, "hf"), "tau": float(tau), "variant": variant,
             "reward": summary.get("data", {}).get("reward"), "final_eval": summary.get("final_eval"),
             "value_stats": summary.get("value_stats"), "steps": int(summary.get("train", {}).get("steps", 0) or 0),
-            "wall_time_s": time.perf_counter() - t0}
+            "wall_time_s": time.perf_counter() - t0, "key": _plain(key)}
     write_json(done, info)
     return info
 
@@ -325,12 +372,11 @@ def run_ablations(ctx: Context) -> dict:
     for row in rows:
         key = (row["value"], row["state"], tuple(row["temperatures"]), row["k"], row["stage2"])
         if key not in done:
-            cfg = ctx.search_config(temperatures=tuple(row["temperatures"]), samples_per_temperature=row["k"],
-                                    stage2=row["stage2"])
+            search = dict(temperatures=tuple(row["temperatures"]), samples_per_temperature=row["k"],
+                          stage2=row["stage2"])
             _log(f"ablation {row['group']}: {row['label']}")
-            engine = ctx.engine(["vimar"], value=row["value"], state=row["state"], config=cfg)
-            done[key] = ctx.evaluate(engine, ["vimar"], n=int(a.n))["vimar"]
-            done[key]["theta"] = float(engine.theta)
+            done[key] = ctx.evaluate(["vimar"], n=int(a.n), value=row["value"], state=row["state"],
+                                     search=search)["vimar"]
         row.update(done[key])
         row["nk"] = len(row["temperatures"]) * row["k"]
     return {"n": int(a.n), "seed": int(ctx.cfg.seed), "rollouts": {"counts": manifest["counts"],
@@ -349,24 +395,19 @@ def run_ablations(ctx: Context) -> dict:
 def run_cross_model(ctx: Context) -> dict:
     c = ctx.cfg.cross_model
     names = list(c.names)
-    engine = ctx.engine(names, policy=ctx.model_dir("policy_b"), value=ctx.model_dir("value"))
     return {"n": int(c.n), "seed": int(ctx.cfg.seed), "policy": ctx.model_dir("policy_b"),
-            "value": ctx.model_dir("value"), "search": _search_info(engine.cfg),
-            "results": ctx.evaluate(engine, names, n=int(c.n))}
+            "value": ctx.model_dir("value"), "search": _search_info(ctx.search_config()),
+            "results": ctx.evaluate(names, n=int(c.n), policy=ctx.model_dir("policy_b"))}
 
 
 # --------------------------------------------------------------------------------------- 4. self-training
 
 def caption_training_scenes(ctx: Context, method: str, directory: str) -> dict:
     """Policy a's captions of training scenes 0..S-1 (train_seed) by `method`, as a `vimar caption --json`
-    file (images written as PNG next to it); reused when present. Returns their CHAIR."""
+    file (images written as PNG next to it). Returns the file and the captions' CHAIR."""
     from vimar_jax.data import scenes as S
 
     path = os.path.join(directory, f"captions_{method}.jsonl")
-    meta = path + ".json"
-    if os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            return json.load(f)
     st = ctx.cfg.self_training
     n = int(st.num_scenes)
     img_dir = os.path.join(directory, "images")
@@ -377,15 +418,13 @@ def caption_training_scenes(ctx: Context, method: str, directory: str) -> dict:
         if not os.path.isfile(p):
             S.render(scene).save(p)
     _log(f"self-training: captioning {n} training scenes with {method}")
-    res = ctx.evaluate(ctx.engine([method]), [method], n=n, seed=int(ctx.cfg.train_seed))[method]
+    res = ctx.evaluate([method], n=n, seed=int(ctx.cfg.train_seed))[method]
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for i, cap in enumerate(res["captions"]):
             f.write(json.dumps({"image": f"images/scene{i:05d}.png", "method": method, "caption": cap,
                                 "prompt": ctx.cfg.prompt}) + "\n")
     os.replace(path + ".tmp", path)
-    info = {"file": path, "training_chair": res["metrics"]}
-    write_json(meta, info)
-    return info
+    return {"file": path, "training_chair": res["metrics"]}
 
 
 def fine_tune(ctx: Context, method: str, captions: str, directory: str) -> dict:
@@ -395,21 +434,22 @@ def fine_tune(ctx: Context, method: str, captions: str, directory: str) -> dict:
 
     wd = os.path.join(directory, f"sft_{method}")
     done = os.path.join(wd, "claims_done.json")
-    if os.path.isfile(done):
-        with open(done, encoding="utf-8") as f:
-            return json.load(f)
     c = tiny_policy.get_config()
     tiny_world.apply_overrides(c, _plain(ctx.cfg.self_training.sft), "self_training.sft")
     c.init = ctx.model_dir("policy")
     c.data.source = "captions"
     c.data.captions = captions
     c.eval.enabled = False
+    with open(captions, "rb") as f:
+        key = {"config": c.to_dict(), "init": _weights_stamp(c.init), "captions": hashlib.sha1(f.read()).hexdigest()}
+    if (info := _reused(done, key)) is not None:
+        return info
     _log(f"self-training: fine-tuning on {method} captions")
     state, summary = train_sft.train_sft(c, wd)
     del state
     info = {"dir": os.path.join(wd, "hf"), "records": summary["train"]["records"],
             "steps": summary["train"]["steps"], "final": summary["train"]["curve"][-1:],
-            "wall_time_s": summary["wall_time_s"]}
+            "wall_time_s": summary["wall_time_s"], "key": _plain(key)}
     write_json(done, info)
     return info
 
@@ -419,14 +459,13 @@ def run_self_training(ctx: Context) -> dict:
     directory = os.path.join(ctx.work, "self_training")
     os.makedirs(directory, exist_ok=True)
     sources, results = {}, {}
-    base = ctx.evaluate(ctx.engine(["greedy"]), ["greedy"], n=int(st.n))["greedy"]
+    base = ctx.evaluate(["greedy"], n=int(st.n))["greedy"]
     results["base"] = base
     for method in st.sources:
         caps = caption_training_scenes(ctx, method, directory)
         ft = fine_tune(ctx, method, caps["file"], directory)
         sources[method] = {**caps, "sft": ft}
-        engine = ctx.engine(["greedy"], policy=ft["dir"])
-        results[method] = ctx.evaluate(engine, ["greedy"], n=int(st.n))["greedy"]
+        results[method] = ctx.evaluate(["greedy"], n=int(st.n), policy=ft["dir"])["greedy"]
     return {"n": int(st.n), "seed": int(ctx.cfg.seed), "train_seed": int(ctx.cfg.train_seed),
             "num_train_scenes": int(st.num_scenes), "sources": sources, "results": results}
 

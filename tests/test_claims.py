@@ -191,5 +191,11 @@ def test_resume_skips_finished_parts_and_refuses_another_recipe(smoke):
     assert status["parts"] == {**{p: "skipped" for p in stamps}, "report": "ran"}
     assert {p: (out / f"{p}.json").stat().st_mtime_ns for p in stamps} == stamps
     assert seconds < first_seconds
+    # a part redone reuses the evaluations kept in OUT/work/evals: the same captions and figures
+    before = json.loads((out / "methods.json").read_text())["results"]
+    (out / "methods.json").unlink()
+    proc, _ = _run(out, "--preset", "smoke", "--parts", "methods")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "methods.json").read_text())["results"] == before
     proc, _ = _run(out, "--quick", "--parts", "methods")
     assert proc.returncode == 2 and "another recipe" in proc.stderr
