@@ -4,8 +4,9 @@ self-training. Recipe: configs/claims.py (presets full / quick / smoke; held-out
     python bench/claims.py [--quick | --preset full|quick|smoke] [--models DIR] [--out DIR]
                            [--parts methods,ablations,cross_model,self_training,report]
 
-Parts (each writes OUT/<part>.json and is skipped when that file exists, so a long run resumes; stage work
-such as rollouts, value models and fine-tuned policies lives in OUT/work and is reused too):
+Parts (each writes OUT/<part>.json and is skipped when that file exists, so a long run resumes; the work
+inside a part (rollouts, value models, fine-tuned policies, each method's evaluation) lives in OUT/work and
+is reused when made with the same settings and inputs):
 
 1. `methods`: greedy, best-of-N by CLIP, best-of-N by value, CLIP-PRM step search, VisVM step search and
    ViMaR, all at the recipe's N temperatures x K samples, on held-out scenes: CHAIR_I, CHAIR_S, attribute
@@ -329,30 +330,32 @@ def train_value_model(ctx: Context, name: str, tau: float, variant: str) -> dict
 
 
 def ablation_rows(ctx: Context, taus: dict[str, float], models: dict[str, dict]) -> list[dict]:
-    """The ablation rows (one ViMaR evaluation each): what varies and with which value model."""
+    """The ablation rows (one ViMaR evaluation each): what varies and with which value model. Every value
+    model here is trained on sentence states (the trainer builds no other), so rows other than the state
+    group value sentence states."""
     a = ctx.cfg.ablations
     base = ctx.search_config()
     shipped = ctx.model_dir("value")
     rows = []
     for spec in a.taus:
         rows.append(dict(group="tau", label=f"τ={spec} ({taus[spec]:.3f})", tau=taus[spec], tau_spec=spec,
-                         variant="margin", value=models[f"tau_{spec}"]["dir"], state=None,
+                         variant="margin", value=models[f"tau_{spec}"]["dir"], state="sentence",
                          temperatures=list(base.temperatures), k=base.samples_per_temperature, stage2=base.stage2))
     for variant in a.variants:
         rows.append(dict(group="reward", label=f"{variant} (τ=p17)", tau=taus["p17"], tau_spec="p17",
-                         variant=variant, value=models[f"variant_{variant}"]["dir"], state=None,
+                         variant=variant, value=models[f"variant_{variant}"]["dir"], state="sentence",
                          temperatures=list(base.temperatures), k=base.samples_per_temperature, stage2=base.stage2))
     for state in a.states:
         label = state if state == "sentence" else f"{state} (sentence-trained model)"
         rows.append(dict(group="state", label=label, value=shipped, state=state,
                          temperatures=list(base.temperatures), k=base.samples_per_temperature, stage2=base.stage2))
     for mode in a.stage2:
-        rows.append(dict(group="stage2", label=mode, value=shipped, state=None,
+        rows.append(dict(group="stage2", label=mode, value=shipped, state="sentence",
                          temperatures=list(base.temperatures), k=base.samples_per_temperature, stage2=mode))
     for temps, k in a.nk:
         temps = [float(t) for t in temps]
         rows.append(dict(group="nk", label=f"N·K={len(temps) * int(k)} ({len(temps)}x{int(k)})", value=shipped,
-                         state=None, temperatures=temps, k=int(k), stage2=base.stage2))
+                         state="sentence", temperatures=temps, k=int(k), stage2=base.stage2))
     return rows
 
 
@@ -567,8 +570,10 @@ def md_table(rows: list[tuple[str, dict]], first: str = "method", extra: Sequenc
 def markdown(parts: dict, checks: list[dict], command: str) -> str:
     cfg = next((p for p in parts.values() if isinstance(p, dict) and "recipe" in p), {})
     seed = cfg.get("recipe", {}).get("seed")
+    commands = list(dict.fromkeys([p["command"] for p in parts.values() if p.get("command")] + [command]))
     out = [f"# ViMaR's claims in the tiny world (preset `{cfg.get('preset')}`)", "",
-           f"Held-out scenes: seed {seed} (never trained or tuned on). Rates in percent. Reproduce: `{command}`.", ""]
+           f"Held-out scenes: seed {seed} (never trained or tuned on). Rates in percent. Made by: "
+           + "; ".join(f"`{c}`" for c in commands) + ".", ""]
     if "methods" in parts:
         p = parts["methods"]
         s = p["search"]
@@ -723,7 +728,7 @@ def _run(ctx: Context, parts: Sequence[str], command: str) -> dict:
         _log(f"{part} ...")
         load0, t0, c0 = os.getloadavg(), time.perf_counter(), time.process_time()
         data = RUNNERS[part](ctx)
-        data.update(ctx.stamp(), part=part, wall_time_s=time.perf_counter() - t0,
+        data.update(ctx.stamp(), part=part, command=command, wall_time_s=time.perf_counter() - t0,
                     cpu_time_s=time.process_time() - c0, loadavg_start=list(load0), loadavg_end=list(os.getloadavg()))
         write_json(ctx.part_path(part), data)
         _log(f"{part} done in {data['wall_time_s']:.0f} s")

@@ -74,6 +74,36 @@ def test_tau_specs_from_the_rollouts_deltas():
     assert claims.resolve_tau_spec("scaled:0.16", d) == pytest.approx(0.16 * np.percentile(d, 90) / 0.27)
 
 
+def test_full_recipe_covers_the_issue_grid(tmp_path):
+    cfg = claims.load_config("full")
+    assert cfg.seed == 1003 and cfg.train_seed < 1000 and cfg.warmup.seed < 1000
+    assert cfg.methods.n >= 500 and set(cfg.methods.names) == set(claims.METHOD_LABELS)
+    assert set(cfg.ablations.taus) == {"0", "scaled:0.16", "p17"}
+    assert set(cfg.ablations.variants) == {"zero_below", "clip_at_tau"}
+    ctx = claims.Context(cfg, str(tmp_path), str(tmp_path / "out"))
+    taus = {"0": 0.0, "scaled:0.16": 0.35, "p17": 0.47}
+    models = {**{f"tau_{t}": {"dir": f"v_{t}"} for t in taus},
+              **{f"variant_{v}": {"dir": f"v_{v}"} for v in cfg.ablations.variants}}
+    rows = claims.ablation_rows(ctx, taus, models)
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append(r)
+    assert [r["tau"] for r in by_group["tau"]] == [0.0, 0.35, 0.47]
+    assert {r["value"] for r in by_group["tau"] + by_group["reward"]} == {"v_0", "v_scaled:0.16", "v_p17",
+                                                                          "v_zero_below", "v_clip_at_tau"}
+    assert all(r["tau"] == 0.47 for r in by_group["reward"])
+    assert {r["state"] for r in by_group["state"]} == {"sentence", "prefix"}
+    assert {r["stage2"] for r in by_group["stage2"]} == {"off", "append_only", "replace_append"}
+    assert sorted(len(r["temperatures"]) * r["k"] for r in by_group["nk"]) == [6, 12, 30]
+    # rows equal to the baseline (sentence states, replace-and-append, N·K = 30) share one configuration
+    keys = {(r["value"], r["state"], tuple(r["temperatures"]), r["k"], r["stage2"]) for r in rows}
+    assert len(keys) == len(rows) - 2
+    # every other row is the methods part's ViMaR setting (N·K = 30, replace-and-append)
+    assert ctx.search_config().num_candidates == 30
+    for r in by_group["state"] + by_group["stage2"]:
+        assert len(r["temperatures"]) * r["k"] == 30
+
+
 def test_missing_models_are_a_clear_error(tmp_path, capsys):
     assert claims.main(["--models", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--preset", "smoke"]) == 2
     err = capsys.readouterr().err
