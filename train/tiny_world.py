@@ -319,6 +319,7 @@ def rebuild(cfg, out: str, *, stages: Sequence[str] = STAGES, workdir: str | Non
         workdir = tmp.name
     work = os.path.abspath(workdir)
     t_start, c_start = time.perf_counter(), time.process_time()
+    git = git_state()   # the code this run imported, not what the checkout holds when it ends
     try:
         for stage in stages:
             print(f"[tiny_world] stage {stage} ...", file=sys.stderr, flush=True)
@@ -348,7 +349,7 @@ def rebuild(cfg, out: str, *, stages: Sequence[str] = STAGES, workdir: str | Non
         "stages_run": list(stages),
         "seeds": cfg.seeds.to_dict(),
         "tiny_world_config": cfg.to_dict(),
-        "git": git_state(),
+        "git": git,
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
                      "platform": platform.platform(), "cpus": os.cpu_count()},
         "clip_reward": clip_reward_summary(prov["stages"]),
