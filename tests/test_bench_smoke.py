@@ -85,4 +85,8 @@ def test_search_cpu_smoke():
     rows = {r[0]: r for r in table_rows(out)}
     for key in ("seconds per caption", "tokens decoded per caption", "sentences valued per caption"):
         vimar, visvm, r = numbers(rows[key])[:3]
-        assert vimar > 0 and visvm > 0 and r == pytest.approx(visvm / vimar, rel=0.02), key
+        # The table prints seconds to 2 decimals and the ratio to 2: allow for that rounding (a 0.10 s figure
+        # may be 0.095 or 0.105), on top of 2%.
+        slack = 0.005 / vimar + 0.005 * visvm / vimar ** 2 + 0.005 if key == "seconds per caption" else 0.005
+        assert vimar > 0 and visvm > 0, key
+        assert abs(r - visvm / vimar) <= 0.02 * visvm / vimar + slack, (key, vimar, visvm, r)
