@@ -41,6 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: make the repository (vimar_jax, train, configs) importable
     sys.path.insert(0, ROOT)
 
+from train.tiny_world import write_json  # noqa: E402  (atomic JSON write)
+
 PARTS = ("methods", "ablations", "cross_model", "self_training", "report")
 MODEL_DIRS = ("clip", "policy", "value", "policy_b")
 DEFAULT_OUT = os.path.join(ROOT, "bench", "claims_out")
@@ -206,14 +208,6 @@ class Context:
                              f"{data.get('preset')!r}, models {data.get('models')!r}); use another --out, or "
                              f"delete it to redo the part")
         return data
-
-
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _log(msg: str) -> None:
@@ -610,6 +604,19 @@ def markdown(parts: dict, checks: list[dict], command: str) -> str:
     return "\n".join(out)
 
 
+def _finish_plot(fig, ax, xlabel: str, ylabel: str, n: int, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"tiny world, {n} held-out scenes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plots(parts: dict, out: str) -> list[str]:
     """CHAIR_I vs seconds per caption (methods) and CHAIR_I vs τ (ablations) as PNG files."""
     import matplotlib
@@ -624,15 +631,8 @@ def plots(parts: dict, out: str) -> list[str]:
             x, y = r["metrics"]["seconds_per_caption"], 100 * r["metrics"]["chair_i"]
             ax.scatter([x], [y], s=40)
             ax.annotate(METHOD_LABELS.get(m, m), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
-        ax.set_xlabel("seconds per caption")
-        ax.set_ylabel("CHAIR_I (%)")
-        ax.set_title(f"tiny world, {parts['methods']['n']} held-out scenes")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = os.path.join(out, "chair_vs_seconds.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish_plot(fig, ax, "seconds per caption", "CHAIR_I (%)", parts["methods"]["n"],
+                                    os.path.join(out, "chair_vs_seconds.png")))
     if "ablations" in parts:
         rows = sorted((r for r in parts["ablations"]["rows"] if r["group"] == "tau"), key=lambda r: r["tau"])
         if rows:
@@ -649,15 +649,9 @@ def plots(parts: dict, out: str) -> list[str]:
                 ax.annotate(r["variant"], (r["tau"], 100 * r["metrics"]["chair_i"]), textcoords="offset points",
                             xytext=(5, -10), fontsize=8)
             ax.legend(fontsize=8)
-            ax.set_xlabel("τ (margin of the reward the value model was trained on)")
-            ax.set_ylabel("ViMaR CHAIR_I (%)")
-            ax.set_title(f"tiny world, {parts['ablations']['n']} held-out scenes")
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            path = os.path.join(out, "chair_vs_tau.png")
-            fig.savefig(path, dpi=120)
-            plt.close(fig)
-            written.append(path)
+            written.append(_finish_plot(fig, ax, "τ (margin of the reward the value model was trained on)",
+                                        "ViMaR CHAIR_I (%)", parts["ablations"]["n"],
+                                        os.path.join(out, "chair_vs_tau.png")))
     return written
 
 
