@@ -31,6 +31,7 @@ treated as one word (no such tokens in SentencePiece, GPT-2/Qwen byte-level or w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
@@ -251,8 +252,14 @@ def render_chat_template(template: str, messages: Sequence[Mapping[str, Any]], *
     """Render `template` with `messages` the way transformers does (tools/documents default to None)."""
     variables.setdefault("tools", None)
     variables.setdefault("documents", None)
-    return _jinja_env().from_string(template).render(messages=[dict(m) for m in messages],
-                                                     add_generation_prompt=add_generation_prompt, **variables)
+    return _compiled_template(template).render(messages=[dict(m) for m in messages],
+                                               add_generation_prompt=add_generation_prompt, **variables)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_template(template: str):
+    """Each distinct template is compiled once (compiling costs far more than rendering)."""
+    return _jinja_env().from_string(template)
 
 
 def load_chat_template(path: str | os.PathLike, tokenizer_config: Mapping[str, Any] | None = None
