@@ -416,18 +416,13 @@ def compare(reference: dict, rebuilt: dict) -> tuple[bool, list[dict]]:
     """Compare the headline metrics of two provenance records -> (all within tolerance, rows)."""
     rows, ok = [], True
     for path, kind in HEADLINE:
-        a, b = _lookup(reference, path), _lookup(rebuilt, path)
+        a, b = (None if v is None else float(v) for v in (_lookup(reference, path), _lookup(rebuilt, path)))
         mode, tol = TOLERANCE[kind]
-        if a is None or b is None:
-            row = {"metric": path, "reference": a, "rebuilt": b, "diff": None, "tolerance": f"{mode} {tol}",
-                   "within": False}
-        else:
-            diff = abs(float(b) - float(a))
-            bound = tol if mode == "abs" else tol * max(abs(float(a)), 1e-12)
-            row = {"metric": path, "reference": float(a), "rebuilt": float(b), "diff": diff,
-                   "tolerance": f"{mode} {tol}", "within": diff <= bound}
-        ok &= row["within"]
-        rows.append(row)
+        diff = None if a is None or b is None else abs(b - a)
+        within = diff is not None and diff <= (tol if mode == "abs" else tol * max(abs(a), 1e-12))
+        rows.append({"metric": path, "reference": a, "rebuilt": b, "diff": diff, "tolerance": f"{mode} {tol}",
+                     "within": within})
+        ok &= within
     return ok, rows
 
 

@@ -44,6 +44,7 @@ from vimar_jax.convert import io as ckpt_io
 from vimar_jax.data import scenes as S
 from vimar_jax.data import sft_data
 from vimar_jax.data import tiny_tokenizer
+from vimar_jax.models import clip as clip_lib
 from vimar_jax.models import llava_next as ln
 from vimar_jax.processor import Processor
 
@@ -100,10 +101,9 @@ def write_assets(out: str, *, variant: str, image_size: int, patch_size: int, pi
 def vision_layers_used(num_layers: int, feature_layer: int) -> int:
     """How many CLIP encoder layers LLaVA's `vision_feature_layer` (HF `hidden_states` indexing: 0 is the
     embeddings, -1 the last layer) actually runs."""
-    n = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
-    if not 1 <= n <= num_layers:
-        raise ValueError(f"vision_feature_layer={feature_layer} is outside the CLIP tower's hidden states "
-                         f"1..{num_layers} (or -{num_layers}..-1)")
+    n = clip_lib.hidden_state_index(feature_layer, num_layers)
+    if n == 0:
+        raise ValueError(f"vision_feature_layer={feature_layer} selects the embeddings of the CLIP tower, not a layer")
     return n
 
 

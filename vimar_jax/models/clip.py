@@ -312,6 +312,15 @@ class EncoderLayers(nnx.Module):
 # --------------------------------------------------------------------------------------------- modules
 
 
+def hidden_state_index(k: int, num_layers: int) -> int:
+    """HF `hidden_states[k]` of a tower of `num_layers` layers as a count of layers run (0 = the embeddings;
+    negative k from the end)."""
+    L = num_layers
+    if not -(L + 1) <= k <= L:
+        raise ValueError(f"hidden_states layer {k} out of range for {L} layers (valid: {-(L + 1)}..{L})")
+    return k % (L + 1)
+
+
 class CLIPVision(nnx.Module):
     """HF `CLIPVisionTransformer`: patch dense + CLS + positions, pre-norm, encoder, post-norm on CLS."""
 
@@ -347,10 +356,7 @@ class CLIPVision(nnx.Module):
         return x, self.post_layernorm(x[:, 0])
 
     def _layer_index(self, k: int) -> int:
-        L = self.config.num_layers
-        if not -(L + 1) <= k <= L:
-            raise ValueError(f"hidden_states layer {k} out of range for {L} layers (valid: {-(L + 1)}..{L})")
-        return k % (L + 1)
+        return hidden_state_index(k, self.config.num_layers)
 
     def hidden_states(self, pixel_values: jax.Array, layers: int | tuple[int, ...]) -> jax.Array:
         """HF `hidden_states[k]` ([N, 1+P, E]); for a tuple of k, those concatenated on E (as HF LLaVA).
