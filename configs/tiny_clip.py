@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
         vision_hidden=96, vision_layers=4, vision_heads=4, vision_mlp=384,
         text_hidden=64, text_layers=3, text_heads=4, text_mlp=256,
         projection_dim=64, hidden_act="quick_gelu", logit_scale_init=2.6592,
+        vision_pos_init_std=1.0,    # position as salient as content after the vision pre-norm
     ))
     c.data = ml_collections.ConfigDict(dict(
         train_seed=1,               # scene stream of the training pool
@@ -47,10 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
         max_logit_scale=100.0,
         # Training-only linear probes (not saved; 0 = off), cross-entropy against the generator's ground
         # truth: patch tokens of HF hidden_states[patch_probe_layer] (the LLaVA feature layer) -> what lies
-        # in their grid cell (patch-level features for the policy); pooled image -> all 9 cells; pooled
-        # text -> the colour, shape and cell of the object a sentence mentions.
+        # in their grid cell (patch-level features for the policy); the mean of those tokens, and the
+        # pooled image, -> all 9 cells; pooled text -> the colour, shape and cell of the object a sentence
+        # mentions.
         patch_probe_weight=0.5,
         patch_probe_layer=-2,
+        scene_tokens_probe_weight=0.5,
         scene_probe_weight=0.5,
         text_probe_weight=0.5,
     ))

@@ -5,7 +5,11 @@
 Objective: symmetric InfoNCE over (image, one true sentence) pairs of a batch, where the image->text logits
 also hold each image's own hard negatives (wrong colour, wrong shape, absent object, wrong position), plus
 a hinge on cosines, max(0, margin - (delta(true) - delta(false))), so that the reward delta ranks a true
-sentence above a false one about the same image. Deterministic from the config's seeds.
+sentence above a false one about the same image. Training-only linear probes (`Probes`, never saved) add
+cross-entropy against the generator's ground truth: each patch token of the LLaVA feature layer predicts
+its grid cell's object, the pooled image predicts all 9 cells, the pooled text predicts the object its
+sentence mentions. Contrastive learning alone does not get past chance on shapes and positions within a
+CPU budget of minutes; the probes give both towers that structure early. Deterministic from the seeds.
 
 DIR gets config.json (HF `CLIPModel`), model.safetensors (written from our parameters through
 `clip_rules` + `spec.disassemble`, no torch), tokenizer files, preprocessor_config.json and metrics.json
@@ -39,6 +43,7 @@ from vimar_jax.data import clip_data
 from vimar_jax.models import clip as clip_lib
 
 PERCENTILES = (10, 17, 50, 90)
+PROBES = ("patch", "scene_tokens", "scene", "text")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -108,21 +113,53 @@ def _classes(attributes) -> tuple[int, ...]:
 class Probes(nnx.Module):
     """Training-only linear probes (never saved) that give both towers the tiny world's structure early:
     `patch`: each patch token of the vision feature layer -> (colour, shape, size) of its grid cell's object;
-    `scene`: the pooled image output -> the (colour, shape, size) of all 9 cells;
+    `scene_tokens`: the mean of those patch tokens -> the (colour, shape, size) of all 9 cells (so that the
+    tokens carry where-and-what codes, which a near-uniform attention of the CLS token collects as is);
+    `scene`: the pooled image output -> all 9 cells;
     `text`: the pooled text output -> (colour, shape, cell) of the object the sentence mentions."""
 
     def __init__(self, config: clip_lib.CLIPConfig, *, rngs: nnx.Rngs):
         cells = _classes(clip_data.CELL_ATTRIBUTES)
-        self.patch = LinearHeads(config.vision.hidden_size, cells, rngs=rngs)
-        self.scene = LinearHeads(config.vision.hidden_size, (9 * sum(cells),), rngs=rngs)  # split per cell
+        e = config.vision.hidden_size
+        self.patch = LinearHeads(e, cells, rngs=rngs)
+        self.scene_tokens = LinearHeads(e, (9 * sum(cells),), rngs=rngs)  # split per cell by the loss
+        self.scene = LinearHeads(e, (9 * sum(cells),), rngs=rngs)
         self.text = LinearHeads(config.text.hidden_size, _classes(clip_data.SENTENCE_ATTRIBUTES), rngs=rngs)
 
 
-class CLIPTrainModel(nnx.Module):
-    """What the trainer optimises: the CLIP model and its probes."""
+def clip_init(model: clip_lib.CLIPModel, key: jax.Array, *, vision_pos_std: float = 0.02) -> None:
+    """Re-initialise `model` in place with CLIP's own scheme (OpenAI's, as HF `CLIPModel._init_weights`):
+    for width E and L layers, q/k/v and fc2 ~ N(0, (E^-0.5 (2L)^-0.5)^2), out_proj ~ N(0, 1/E), fc1 ~
+    N(0, 1/(2E)), class embedding and projections ~ N(0, 1/width), other embeddings N(0, 0.02^2); norms 1/0,
+    biases 0. For narrow towers these are several times larger than a flat 0.02, which lets image content
+    reach the CLS token from the first steps. `vision_pos_std`: std of the vision position embeddings
+    (about 1 makes a patch's position as salient as its content after the pre-norm)."""
+    keys = iter(jax.random.split(key, 64))
 
-    def __init__(self, config: clip_lib.CLIPConfig, *, rngs: nnx.Rngs):
+    def normal(param, std):
+        param.set_value((std * jax.random.normal(next(keys), param.get_value().shape)).astype(param.get_value().dtype))
+
+    for tower in (model.vision, model.text):
+        c, layers = tower.config, tower.layers
+        e, n = c.hidden_size, c.num_layers
+        in_std = e ** -0.5 * (2 * n) ** -0.5
+        for name, std in (("q_proj", in_std), ("k_proj", in_std), ("v_proj", in_std), ("out_proj", e ** -0.5),
+                          ("fc1", (2 * e) ** -0.5), ("fc2", in_std)):
+            normal(getattr(layers, name), std)
+        normal(tower.position_embedding, vision_pos_std if tower is model.vision else 0.02)
+    normal(model.vision.class_embedding, model.config.vision.hidden_size ** -0.5)
+    normal(model.vision.patch_embedding, 0.02)
+    normal(model.text.token_embedding, 0.02)
+    normal(model.visual_projection, model.config.vision.hidden_size ** -0.5)
+    normal(model.text_projection, model.config.text.hidden_size ** -0.5)
+
+
+class CLIPTrainModel(nnx.Module):
+    """What the trainer optimises: the CLIP model (`clip_init`) and its probes."""
+
+    def __init__(self, config: clip_lib.CLIPConfig, *, vision_pos_std: float = 0.02, rngs: nnx.Rngs):
         self.clip = clip_lib.CLIPModel(config, rngs=rngs)
+        clip_init(self.clip, rngs.params(), vision_pos_std=vision_pos_std)
         self.probes = Probes(config, rngs=rngs)
 
 
@@ -168,7 +205,7 @@ def make_loss_fn(loss_cfg, grid: int):
     margin, margin_weight = float(loss_cfg.margin), float(loss_cfg.margin_weight)
     max_log_scale = math.log(float(loss_cfg.max_logit_scale))
     hard_in_softmax = bool(loss_cfg.hard_negatives_in_softmax)
-    weights = {name: float(loss_cfg[f"{name}_probe_weight"]) for name in ("patch", "scene", "text")}
+    weights = {name: float(loss_cfg[f"{name}_probe_weight"]) for name in PROBES}
     probe_layer = int(loss_cfg.patch_probe_layer)
     cells = jnp.asarray(clip_data.patch_cells(grid))
 
@@ -195,12 +232,13 @@ def make_loss_fn(loss_cfg, grid: int):
         aux = {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "hinge": hinge, "logit_scale": scale,
                "acc_i2t": jnp.mean(jnp.argmax(sim, axis=1) == labels), "pair_acc": jnp.mean(gap > 0),
                "delta_true": pos.mean(), "delta_false": sim_neg.mean()}
-        scene_heads = jnp.split(probes.scene(img_pooled)[0].reshape(b, 9, -1),
-                                np.cumsum(probes.patch.sizes)[:-1].tolist(), axis=-1)
+        per_cell = lambda logits: jnp.split(logits.reshape(b, 9, -1),  # noqa: E731
+                                            np.cumsum(probes.patch.sizes)[:-1].tolist(), axis=-1)
         text_targets = jnp.concatenate([batch["labels"], batch["neg_labels"].reshape(b * k, -1)])
         for name, (heads, targets) in {
                 "patch": (probes.patch(tokens), batch["cell_labels"][:, cells]),
-                "scene": (scene_heads, batch["cell_labels"]),
+                "scene_tokens": (per_cell(probes.scene_tokens(tokens.mean(1))[0]), batch["cell_labels"]),
+                "scene": (per_cell(probes.scene(img_pooled)[0]), batch["cell_labels"]),
                 "text": ([jnp.concatenate(h) for h in zip(probes.text(pos_pooled), probes.text(neg_pooled))],
                          text_targets)}.items():
             if weights[name]:
@@ -239,6 +277,33 @@ class Embedder:
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         ids, mask = clip_data.tokenize(self.tok, texts, self.text_len)
         return self._batched(self._txt, [ids, mask])
+
+
+def patch_probe_accuracy(train_model: CLIPTrainModel, pool: clip_data.ScenePool, *, layer: int,
+                         batch_size: int) -> dict:
+    """How well the trained linear patch probe reads each grid cell's object from the vision feature layer
+    on held-out scenes: accuracy per attribute over patches of occupied cells, and over all patches."""
+    graphdef, state = nnx.split(train_model)
+
+    @jax.jit
+    def predict(state, px):
+        m = nnx.merge(graphdef, state)
+        _, _, tokens = image_embeds_and_tokens(m.clip, px, layer)
+        return jnp.stack([jnp.argmax(h, -1) for h in m.probes.patch(tokens)], -1)
+
+    preds = []
+    for s in range(0, len(pool), batch_size):
+        chunk = pool.pixels[s:s + batch_size]
+        pad = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)
+        preds.append(np.asarray(predict(state, np.concatenate([chunk, pad])))[:len(chunk)])
+    pred = np.concatenate(preds)                                               # [N, P, 3]
+    grid = train_model.clip.config.vision.grid
+    target = pool.labels[:, clip_data.patch_cells(grid)]                      # [N, P, 3]
+    occupied = target[..., 0] > 0
+    out = {"all_patches": float(np.mean(pred == target))}
+    for j, (name, _) in enumerate(clip_data.CELL_ATTRIBUTES):
+        out[f"{name}_occupied"] = float(np.mean(pred[..., j][occupied] == target[..., j][occupied]))
+    return out
 
 
 def _stats(x: np.ndarray) -> dict:
@@ -370,7 +435,8 @@ def train_clip(config) -> dict:
     t0 = time.perf_counter()
     try:
         state = trainer.fit(trainer_config(config), workdir=workdir,
-                            model=lambda rngs: CLIPTrainModel(cfg, rngs=rngs),
+                            model=lambda rngs: CLIPTrainModel(
+                                cfg, vision_pos_std=config.model.vision_pos_init_std, rngs=rngs),
                             loss_fn=make_loss_fn(config.loss, cfg.vision.grid), train_data=data,
                             run_config=run_config,
                             hooks=[hook])
@@ -380,14 +446,17 @@ def train_clip(config) -> dict:
     t_train = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model = state.model().clip
+    train_model = state.model()
+    model = train_model.clip
     held = clip_data.ScenePool.build(config.eval.seed, config.eval.num_scenes, icfg)
     items = clip_data.eval_items(held, seed=config.eval.seed, per_kind=config.eval.false_per_kind, kinds=kinds)
     heldout = evaluate(model, held, items, batch_size=config.eval.batch_size, kinds=kinds)
+    heldout["patch_probe"] = patch_probe_accuracy(train_model, held, layer=config.loss.patch_probe_layer,
+                                                  batch_size=config.eval.batch_size)
     t_eval = time.perf_counter() - t0
 
     keys = ("loss", "loss_i2t", "loss_t2i", "hinge", "acc_i2t", "pair_acc", "logit_scale", "delta_true",
-            "delta_false", *(f"{n}_probe{a}" for n in ("patch", "scene", "text") for a in ("", "_acc")))
+            "delta_false", *(f"{n}_probe{a}" for n in PROBES for a in ("", "_acc")))
     metrics = {
         "heldout": {"seed": int(config.eval.seed), **heldout},
         "train": {"steps": int(config.total_steps), "batch_size": int(config.batch_size),
