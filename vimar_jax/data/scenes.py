@@ -58,6 +58,10 @@ class SceneConfig:
     small_radius: tuple[float, float] = (0.22, 0.28)  # object radius / min(cell width, cell height)
     large_radius: tuple[float, float] = (0.36, 0.44)
     spill: float = 0.3  # how far (fraction of its radius) an object may reach past its cell
+    # How far an object's centre may move from its cell's centre, as a fraction of the cell's width (x) and
+    # height (y). Small on purpose: a one-patch-per-cell ViT (the tiny CLIP) reads shapes that sit near a
+    # fixed place in their patch (pairwise shape accuracy at chance with centres anywhere in the cell).
+    max_shift: float = 0.05
     max_angle: float = 10.0  # degrees of random rotation (small, so a square never becomes a diamond)
     max_overlap: float = 0.1  # pairwise |A & B| / min(|A|, |B|)
     min_visible: float = 0.85  # fraction of each object's pixels not covered by objects drawn later
@@ -68,6 +72,8 @@ class SceneConfig:
     def __post_init__(self):
         if not 8 <= self.min_side <= self.max_side:
             raise ValueError(f"SceneConfig: need 8 <= min_side <= max_side, got {self.min_side}, {self.max_side}")
+        if not 0 <= self.max_shift <= 0.5:
+            raise ValueError(f"SceneConfig: max_shift must be in [0, 0.5], got {self.max_shift}")
         if self.max_aspect < 1:
             raise ValueError(f"SceneConfig: max_aspect must be >= 1, got {self.max_aspect}")
         if not 1 <= self.min_objects <= self.max_objects <= 9:
@@ -215,8 +221,9 @@ def _sample_object(rng, cfg: SceneConfig, w: int, h: int, row: int, col: int, sh
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     if jitter:
         # The centre stays inside the cell (so the position is unambiguous), the shape inside the image.
-        bx = (max(x0 + k * r, r), min(x1 - k * r, w - r))
-        by = (max(y0 + k * r, r), min(y1 - k * r, h - r))
+        sx, sy = cfg.max_shift * (x1 - x0), cfg.max_shift * (y1 - y0)
+        bx = (max(x0 + k * r, r, cx - sx), min(x1 - k * r, w - r, cx + sx))
+        by = (max(y0 + k * r, r, cy - sy), min(y1 - k * r, h - r, cy + sy))
         if bx[0] < bx[1]:
             cx = float(rng.uniform(*bx))
         if by[0] < by[1]:
