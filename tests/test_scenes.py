@@ -46,6 +46,9 @@ def test_ground_truth_matches_drawing(many):
             # Inside the object's circle, around the centre it claims, in the grid cell it claims.
             assert np.hypot(xs + 0.5 - obj.cx, ys + 0.5 - obj.cy).max() <= obj.radius + 1.5
             assert int(obj.cx * 3 // w) == obj.col and int(obj.cy * 3 // h) == obj.row
+            # Near its cell's centre: within max_shift of the cell's width and height (3 decimals stored).
+            assert abs(obj.cx - (obj.col + 0.5) * w / 3) <= CFG.max_shift * w / 3 + 1e-3
+            assert abs(obj.cy - (obj.row + 0.5) * h / 3) <= CFG.max_shift * h / 3 + 1e-3
             assert int((xs.mean() + 0.5) * 3 // w) == obj.col and int((ys.mean() + 0.5) * 3 // h) == obj.row
             # Size class from the radius, relative to the smaller side of a cell.
             rel = obj.radius / min(w / 3, h / 3)
@@ -93,6 +96,13 @@ def test_config_ranges_are_parameters():
         assert 60 <= s.width <= 70 and 60 <= s.height <= 70 and 2 <= len(s.objects) <= 3
     with pytest.raises(ValueError, match="min_side"):
         S.SceneConfig(min_side=100, max_side=50)
+    with pytest.raises(ValueError, match="max_shift"):
+        S.SceneConfig(max_shift=0.6)
+    # max_shift is a parameter: free centres move objects well away from the cell centre.
+    free = S.SceneConfig(max_shift=0.5)
+    offsets = [abs(o.cx - (o.col + 0.5) * s.width / 3) / (s.width / 3)
+               for s in S.scenes(3, 30, free) for o in s.objects]
+    assert max(offsets) > 0.1
     impossible = S.SceneConfig(min_objects=6, small_radius=(1.5, 1.6), large_radius=(1.5, 1.6), spill=0.0)
     with pytest.raises(ValueError, match="overlap/visibility limits"):
         S.scene_at(0, 0, impossible)
