@@ -209,6 +209,46 @@ def test_single_pass_embeddings_equal_the_model_api():
     assert max_rel_err(tpooled, model.text(ids, mask)[1]) <= 1e-6
 
 
+def test_clip_init_matches_hf_init_statistics():
+    """`clip_init` draws each weight with the std of HF `CLIPModel._init_weights` (OpenAI's scheme), except
+    the vision position embeddings, whose std is the recipe's choice."""
+    import jax
+    import torch
+    import transformers
+    from flax import nnx
+
+    from train import train_clip as T
+    from vimar_jax.convert import spec
+    from vimar_jax.models import clip as C
+
+    e, layers = 64, 3
+    hf_cfg = {"model_type": "clip", "projection_dim": 32, "initializer_factor": 1.0,
+              "text_config": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                              "num_attention_heads": 2, "vocab_size": 103, "eos_token_id": 102},
+              "vision_config": {"hidden_size": e, "intermediate_size": 4 * e, "num_hidden_layers": layers,
+                                "num_attention_heads": 2, "image_size": 32, "patch_size": 4}}
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(transformers.CLIPConfig.from_dict(hf_cfg)).eval()
+    ref = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    cfg = C.CLIPConfig.from_hf(hf_cfg)
+    model = C.CLIPModel(cfg, rngs=nnx.Rngs(0))
+    T.clip_init(model, jax.random.key(1), vision_pos_std=0.3)
+    ours = spec.disassemble(C.clip_rules(cfg), T.flat_params(model))
+    assert set(ours) >= {k for k in ref if "position_ids" not in k}
+    checked = 0
+    for key, want in ref.items():
+        if "position_ids" in key or want.ndim < 2 and not key.endswith("class_embedding"):
+            continue                                          # norms and biases: constants, same in both
+        got = np.asarray(ours[key])
+        if key == "vision_model.embeddings.position_embedding.weight":
+            assert abs(got.std() / 0.3 - 1) < 0.1, key       # the recipe's std, not HF's 0.02
+            continue
+        tol = 0.25 if want.size < 500 else 0.08               # sampling error of a std over few values
+        assert abs(got.std() / want.std() - 1) < tol, (key, got.std(), want.std())
+        checked += 1
+    assert checked >= 20
+
+
 # ----------------------------------------------------------------------------------------- training
 
 @pytest.fixture(scope="module")
