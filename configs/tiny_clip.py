@@ -3,6 +3,9 @@
 `python train/train_clip.py --config configs/tiny_clip.py --out DIR [--config.KEY=VALUE ...]`.
 Top-level keys are the trainer's (`vimar_jax.trainer.default_config()`); `model`, `data`, `loss` and `eval`
 are this recipe's. Quick run: `--config.total_steps=30 --config.data.num_train_scenes=256`.
+Shipped run (tiny world rebuild at 642e79b, 985 s of CPU time): on 256 validation scenes (seed 100), pairwise
+accuracy true vs false sentence 0.89 colour, 0.73 shape, 0.91 absent object, 0.996 position; retrieval top-1
+0.89 image->text, 0.85 text->image.
 """
 
 import ml_collections
