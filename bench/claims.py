@@ -62,10 +62,31 @@ TAU_REFERENCE = {"tau": 0.16, "p90": 0.27}   # CLIP-L/336 on COCO (SPEC §2): τ
 
 # ------------------------------------------------------------------------------------------------ context
 
-def load_config(preset: str | None):
+def load_config(preset: str | None, overrides: Sequence[str] = ()):
+    """The recipe's preset with `KEY=VALUE` overrides (dotted keys of existing entries; a value is read as a
+    Python literal, else kept as a string). An unknown key is an error that names it."""
+    import ast
+
     from configs import claims as recipe
 
-    return recipe.get_config(preset)
+    config = recipe.get_config(preset)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = config
+        for i, name in enumerate(parents + [leaf]):
+            if not hasattr(node, "keys") or name not in node.keys():
+                raise ValueError(f"--set {item}: configs/claims.py has no key {'.'.join((parents + [leaf])[:i + 1])!r}")
+            if i < len(parents):
+                node = node[name]
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node[leaf] = value
+    return config
 
 
 def _plain(x):
@@ -751,6 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the quick preset (every part in minutes)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe entry, e.g. --set self_training.num_scenes=300 (repeatable)")
     args = p.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
         p.error("--quick and --preset disagree")
@@ -761,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown part(s) {bad}; choose from {','.join(PARTS)}")
     try:
         check_models(args.models)
-        ctx = Context(load_config(preset), args.models, args.out, quiet=not args.progress)
+        ctx = Context(load_config(preset, args.set), args.models, args.out, quiet=not args.progress)
         command = " ".join(["python bench/claims.py", *argv])
         t0 = time.perf_counter()
         status = run(ctx, parts, command)

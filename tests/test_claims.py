@@ -110,6 +110,18 @@ def test_missing_models_are_a_clear_error(tmp_path, capsys):
     assert "nowhere" in err and "clip" in err and "policy_b" in err
 
 
+def test_set_overrides_recipe_entries_and_names_unknown_keys(tmp_path, capsys):
+    c = claims.load_config("smoke", ["self_training.num_scenes=7", "prompt=Describe it.", "search.top_p=0.8"])
+    assert c.self_training.num_scenes == 7 and c.prompt == "Describe it." and c.search.top_p == 0.8
+    assert claims.load_config("smoke").self_training.num_scenes == 2
+    for bad, named in (("self_training.num_scene=7", "self_training.num_scene"), ("nope.n=1", "nope"),
+                       ("methods.n", "KEY=VALUE")):
+        with pytest.raises(ValueError, match=named):
+            claims.load_config("smoke", [bad])
+    assert claims.main(["--out", str(tmp_path), "--preset", "smoke", "--set", "methods.m=1"]) == 2
+    assert "methods.m" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ smoke run
 
 def _run(out: Path, *extra):
