@@ -90,3 +90,37 @@ def test_search_cpu_smoke():
         slack = 0.005 / vimar + 0.005 * visvm / vimar ** 2 + 0.005 if key == "seconds per caption" else 0.005
         assert vimar > 0 and visvm > 0, key
         assert abs(r - visvm / vimar) <= 0.02 * visvm / vimar + slack, (key, vimar, visvm, r)
+
+
+def test_pairwise_counts_true_above_false(capsys):
+    """bench/pairwise.py on scripted scorers: an oracle that knows the scene orders every pair, a constant
+    scorer none (ties are not wins); a missing model directory is a clear error."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import numpy as np
+    import pairwise as P
+
+    from vimar_jax.data import scenes as S
+    from vimar_jax.eval.chair import parse_mentions
+
+    class Oracle:
+        def begin(self, image):
+            return image
+
+        def score(self, image, texts):
+            scene = self.scenes[image.tobytes()]
+            truth = {(o.color, o.shape, (o.row, o.col)) for o in scene.objects}
+            return np.array([float(all((m.color, m.shape, m.cell) in truth for m in parse_mentions(t)))
+                             for t in texts])
+
+    class Constant(Oracle):
+        def score(self, image, texts):
+            return np.zeros(len(texts))
+
+    oracle = Oracle()
+    oracle.scenes = {S.render(S.scene_at(100, i)).tobytes(): S.scene_at(100, i) for i in range(4)}
+    out = P.pairwise({"oracle": oracle, "constant": Constant()}, 4, 100)
+    assert out["oracle"]["pairs"] == sum(len(S.scene_at(100, i).objects) for i in range(4))
+    assert all(out["oracle"][k] == 1.0 for k in P.KINDS)
+    assert all(out["constant"][k] == 0.0 for k in P.KINDS)
+    assert P.main(["--models", "/nonexistent-models"]) == 2
+    assert "/nonexistent-models has no value/config.json" in capsys.readouterr().err
