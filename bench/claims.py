@@ -224,11 +224,18 @@ class Context:
             return None
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        if data.get("recipe") != _plain(self.cfg) or data.get("models") != self.models:
-            raise ValueError(f"{path} was made with another recipe or models directory (preset "
+        mine, theirs = _plain(self.cfg), data.get("recipe") or {}
+        keys = (*SHARED_RECIPE_KEYS, part)
+        if any(theirs.get(k) != mine.get(k) for k in keys) or data.get("models") != self.models:
+            raise ValueError(f"{path} was made with another recipe (its {', '.join(keys)} entries) or models "
+                             f"directory (preset "
                              f"{data.get('preset')!r}, models {data.get('models')!r}); use another --out, or "
                              f"delete it to redo the part")
         return data
+
+
+# The recipe entries every part depends on; each part also depends on its own section (and on no other part's).
+SHARED_RECIPE_KEYS = ("seed", "train_seed", "prompt", "warmup", "search")
 
 
 def _log(msg: str) -> None:

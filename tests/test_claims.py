@@ -241,3 +241,8 @@ def test_resume_skips_finished_parts_and_refuses_another_recipe(smoke):
     assert json.loads((out / "methods.json").read_text())["results"] == before
     proc, _ = _run(out, "--quick", "--parts", "methods")
     assert proc.returncode == 2 and "another recipe" in proc.stderr
+    # a part depends on the shared entries and its own section only
+    proc, _ = _run(out, "--preset", "smoke", "--parts", "methods", "--set", "self_training.n=3")
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["parts"] == {"methods": "skipped"}
+    proc, _ = _run(out, "--preset", "smoke", "--parts", "methods", "--set", "search.top_p=0.8")
+    assert proc.returncode == 2 and "another recipe" in proc.stderr
