@@ -252,6 +252,18 @@ def make_loss_fn(loss_cfg, grid: int):
 
 # ------------------------------------------------------------------------------------------------- eval
 
+def run_batched(fn, state, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """`fn(state, *chunks)` over fixed-size chunks of `arrays` (the last one zero-padded, so a jitted `fn`
+    compiles once), concatenated without the padding rows."""
+    n, bs, out = len(arrays[0]), batch_size, []
+    for s in range(0, n, bs):
+        chunk = [a[s:s + bs] for a in arrays]
+        m = len(chunk[0])
+        chunk = [np.concatenate([c, np.zeros((bs - m,) + c.shape[1:], c.dtype)]) for c in chunk]
+        out.append(np.asarray(fn(state, *chunk))[:m])
+    return np.concatenate(out)
+
+
 class Embedder:
     """Jitted, fixed-batch image and text embedding of one CLIPModel (no recompiles across calls)."""
 
@@ -263,13 +275,7 @@ class Embedder:
         self.tok = clip_data.build_clip_tokenizer()
 
     def _batched(self, fn, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        n, bs, out = len(arrays[0]), self.batch_size, []
-        for s in range(0, n, bs):
-            chunk = [a[s:s + bs] for a in arrays]
-            m = len(chunk[0])
-            chunk = [np.concatenate([c, np.zeros((bs - m,) + c.shape[1:], c.dtype)]) for c in chunk]
-            out.append(np.asarray(fn(self.state, *chunk))[:m])
-        return np.concatenate(out)
+        return run_batched(fn, self.state, arrays, self.batch_size)
 
     def images(self, pixel_values: np.ndarray) -> np.ndarray:
         return self._batched(self._img, [np.asarray(pixel_values, np.float32)])
@@ -291,12 +297,7 @@ def patch_probe_accuracy(train_model: CLIPTrainModel, pool: clip_data.ScenePool,
         _, _, tokens = image_embeds_and_tokens(m.clip, px, layer)
         return jnp.stack([jnp.argmax(h, -1) for h in m.probes.patch(tokens)], -1)
 
-    preds = []
-    for s in range(0, len(pool), batch_size):
-        chunk = pool.pixels[s:s + batch_size]
-        pad = np.zeros((batch_size - len(chunk),) + chunk.shape[1:], chunk.dtype)
-        preds.append(np.asarray(predict(state, np.concatenate([chunk, pad])))[:len(chunk)])
-    pred = np.concatenate(preds)                                               # [N, P, 3]
+    pred = run_batched(predict, state, [pool.pixels], batch_size)             # [N, P, 3]
     grid = train_model.clip.config.vision.grid
     target = pool.labels[:, clip_data.patch_cells(grid)]                      # [N, P, 3]
     occupied = target[..., 0] > 0
