@@ -1,12 +1,14 @@
 """Does a scorer rank a true sentence above a false one about the same image? Value model vs CLIP.
 
-    python bench/pairwise.py [--models DIR] [--n 100] [--seed 100] [--json]
+    python bench/pairwise.py [--models DIR] [--n 100] [--seed 100] [--policy] [--json]
 
 For each scene of the stream `seed` (default 100, the validation scenes), every object's true sentence is
 scored against one false sentence of each kind (wrong colour, wrong shape, absent object, wrong position;
 `vimar_jax.data.scenes.false_sentence`) by the value model (image + sentence state) and by CLIP (δ). Prints
 the fraction of (true, false) pairs each scorer orders correctly (0.5 = chance). A value model that guides
-search away from hallucination must order them; CLIP's row is what its reward could teach.
+search away from hallucination must order them; CLIP's row is what its reward could teach. With `--policy`,
+a third row scores each sentence by the policy's own log-likelihood of it as the whole answer to the detail
+prompt (teacher-forced): whether the policy, from which the value model starts, reads the image at all.
 """
 
 import argparse
@@ -40,6 +42,38 @@ def pairwise(scorers: dict, n: int, seed: int) -> dict:
             for name, w in wins.items()}
 
 
+class PolicyLikelihood:
+    """Scores sentences by the policy's summed log-probability of their tokens after the rendered prompt (image
+    + `prompt`), all sentences of one image in one teacher-forced forward pass."""
+
+    def __init__(self, vlm, prompt: str):
+        from vimar_jax.decode.policy import LlavaPolicy
+
+        self.vlm = vlm
+        self.text = LlavaPolicy(vlm).render(prompt)
+
+    def begin(self, image):
+        return image
+
+    def score(self, image, sentences) -> np.ndarray:
+        import jax
+
+        proc = self.vlm.processor
+        n_prompt = int(proc(images=[image], texts=[self.text])["attention_mask"].sum())
+        enc = proc(images=[image] * len(sentences), texts=[self.text + s for s in sentences])
+        logits = self.vlm.logits(enc["input_ids"], enc["pixel_values"], enc["image_sizes"], enc["attention_mask"])
+        logp = np.asarray(jax.nn.log_softmax(logits[:, :-1], axis=-1))
+        ids, mask = np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"]) > 0
+        out = np.zeros(len(sentences))
+        for r in range(len(sentences)):
+            pos = np.nonzero(mask[r])[0]            # valid positions, whichever side the padding is on
+            targets = pos[n_prompt:]                # the sentence's tokens, each predicted from the one before
+            if targets.size == 0:
+                raise ValueError(f"sentence {sentences[r]!r} adds no tokens after the prompt")
+            out[r] = logp[r, targets - 1, ids[r, targets]].sum()
+        return out
+
+
 def main(argv=None) -> int:
     from vimar_jax import pipeline
 
@@ -47,16 +81,22 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=str(pipeline.TINY_WORLD), help="directory with value/ and clip/")
     p.add_argument("--n", type=int, default=100, help="scenes")
     p.add_argument("--seed", type=int, default=100, help="scene stream (default: validation)")
+    p.add_argument("--policy", action="store_true", help="add the policy's own likelihood (needs policy/)")
+    p.add_argument("--prompt", default="Describe this image in detail.", help="the policy's prompt (--policy)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
-    for d in ("value", "clip"):
+    for d in ("value", "clip") + (("policy",) if args.policy else ()):
         if not os.path.isfile(os.path.join(args.models, d, "config.json")):
             print(f"bench/pairwise.py: error: {args.models} has no {d}/config.json", file=sys.stderr)
             return 2
     scorers = {"value": pipeline.load_value_scorer(os.path.join(args.models, "value")),
                "clip": pipeline.load_clip_scorer(os.path.join(args.models, "clip"))}
+    if args.policy:
+        from vimar_jax.vlm import load_vlm
+
+        scorers["policy"] = PolicyLikelihood(load_vlm(os.path.join(args.models, "policy")), args.prompt)
     out = pairwise(scorers, args.n, args.seed)
     if args.json:
         print(json.dumps({"models": args.models, "seed": args.seed, "n": args.n, "accuracy": out}))

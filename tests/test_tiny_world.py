@@ -231,6 +231,35 @@ def test_shipped_policy_loads_in_hf_and_greedy_equals_ours(greedy_engine):
     assert all(len(c.split(".")) > 2 for c in ref)          # several sentences, not a degenerate caption
 
 
+@_shipped("policy")
+def test_policy_likelihood_of_sentences_equals_hf():
+    """bench/pairwise.py's policy row: the summed log-probability of each sentence after the rendered prompt,
+    all sentences of one image in one padded batch, equals HF's for each sentence alone."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import pairwise as P
+
+    from vimar_jax.vlm import load_vlm
+
+    image = S.render(S.scene_at(HELD_OUT, 3))
+    sentences = ["A small red circle sits in the top left.", "There are two shapes.", "The star is blue."]
+    ours = P.PolicyLikelihood(load_vlm(SHIPPED / "policy"), PROMPT).score(image, sentences)
+    model = LlavaNextForConditionalGeneration.from_pretrained(SHIPPED / "policy").eval()
+    proc = LlavaNextProcessor.from_pretrained(SHIPPED / "policy")
+    head = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+                                    add_generation_prompt=True)
+    n = proc(images=image, text=head, return_tensors="pt")["input_ids"].shape[1]
+    for s, got in zip(sentences, ours):
+        inputs = proc(images=image, text=head + s, return_tensors="pt")
+        with torch.no_grad():
+            logp = torch.log_softmax(model(**inputs).logits[0].double(), -1).numpy()
+        ids = inputs["input_ids"][0].numpy()
+        ref = sum(logp[t - 1, ids[t]] for t in range(n, len(ids)))
+        assert len(ids) > n and abs(got - ref) <= 1e-4 * abs(ref)
+
+
 @_shipped("policy_b")
 def test_shipped_policy_b_loads_in_hf_and_greedy_equals_ours():
     from vimar_jax.decode.search import SearchConfig
