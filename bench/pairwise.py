@@ -3,8 +3,9 @@
     python bench/pairwise.py [--models DIR] [--n 100] [--seed 100] [--policy] [--json]
 
 For each scene of the stream `seed` (default 100, the validation scenes), every object's true sentence is
-scored against one false sentence of each kind (wrong colour, wrong shape, absent object, wrong position;
-`vimar_jax.data.scenes.false_sentence`) by the value model (image + sentence state) and by CLIP (δ). Prints
+scored against one false sentence of each kind (wrong colour, wrong shape, absent shape, wrong position;
+`vimar_jax.data.scenes.false_object`) worded the same way (`minimal_pairs`), by the value model (image +
+sentence state) and by CLIP (δ). Prints
 the fraction of (true, false) pairs each scorer orders correctly (0.5 = chance). A value model that guides
 search away from hallucination must order them; CLIP's row is what its reward could teach. With `--policy`,
 a third row scores each sentence by the policy's own log-likelihood of it as the whole answer to the detail
@@ -23,21 +24,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KINDS = ("color", "shape", "absent", "position")
 
 
-def pairwise(scorers: dict, n: int, seed: int) -> dict:
-    """{scorer: {kind: accuracy, "pairs": count}} over scenes 0..n-1 of `seed`."""
+def minimal_pairs(scene, scene_index: int, seed: int) -> tuple[list[str], dict[str, list[str]]]:
+    """(true sentences, {kind: false sentences}) of one scene: for each object, its true sentence and, per
+    kind of error, the sentence of `scenes.false_object` of that object drawn with an equally seeded
+    generator, so that each pair has the same template and phrasing and differs in one attribute (colour,
+    shape, shape and colour for an absent shape, position). A scorer cannot win on template or length."""
     from vimar_jax.data import scenes as S
 
-    rng = np.random.default_rng(0)
+    trues, falses = [], {k: [] for k in KINDS}
+    for j, obj in enumerate(scene.objects):
+        key = [seed, scene_index, j]
+        trues.append(S.object_sentence(obj, np.random.default_rng(key)))
+        for n, k in enumerate(KINDS):
+            wrong = S.false_object(scene, np.random.default_rng(key + [n]), k, obj=obj)
+            falses[k].append(S.object_sentence(wrong, np.random.default_rng(key)))
+    return trues, falses
+
+
+def pairwise(scorers: dict, n: int, seed: int) -> dict:
+    """{scorer: {kind: accuracy, "pairs": count}} over scenes 0..n-1 of `seed` (minimal pairs, one per object
+    and kind; a tie is not a win)."""
+    from vimar_jax.data import scenes as S
+
     wins = {name: {k: [] for k in KINDS} for name in scorers}
     for i in range(n):
         scene = S.scene_at(seed, i)
         image = S.render(scene)
-        trues = [S.object_sentence(o, rng) for o in scene.objects]
-        falses = [S.false_sentence(scene, rng, k) for k in KINDS]
+        trues, falses = minimal_pairs(scene, i, seed)
+        texts = trues + [f for k in KINDS for f in falses[k]]
+        m = len(trues)
         for name, scorer in scorers.items():
-            s = scorer.score(scorer.begin(image), trues + falses)
+            s = np.asarray(scorer.score(scorer.begin(image), texts))
             for j, k in enumerate(KINDS):
-                wins[name][k] += list(s[:len(trues)] > s[len(trues) + j])
+                wins[name][k] += list(s[:m] > s[m * (j + 1):m * (j + 2)])
     return {name: {**{k: float(np.mean(v)) for k, v in w.items()}, "pairs": len(w[KINDS[0]])}
             for name, w in wins.items()}
 

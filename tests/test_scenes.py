@@ -181,6 +181,31 @@ def test_false_sentences_are_false():
                 assert next(iter(named))[1] not in {o.shape for o in scene.objects}
 
 
+def test_false_object_gives_minimal_pairs():
+    """An object and its `false_object`, described with equally seeded generators, are worded the same and
+    differ only in the altered attribute; the altered description is false for the scene."""
+    from vimar_jax.eval.chair import parse_mentions
+
+    changed = {"color": {"color"}, "shape": {"shape"}, "position": {"cell"}, "absent": {"shape", "color"}}
+    for i, scene in enumerate(S.scenes(8, 40)):
+        truth = {(o.color, o.shape, o.cell) for o in scene.objects}
+        for j, obj in enumerate(scene.objects):
+            for n, kind in enumerate(changed):
+                wrong = S.false_object(scene, np.random.default_rng([i, j, n]), kind, obj=obj)
+                t = S.object_sentence(obj, np.random.default_rng([i, j]))
+                f = S.object_sentence(wrong, np.random.default_rng([i, j]))
+                (mt,), (mf,) = parse_mentions(t), parse_mentions(f)
+                assert (mt.color, mt.shape, mt.cell) in truth and (mf.color, mf.shape, mf.cell) not in truth, (t, f)
+                diff = {a for a in ("color", "shape", "cell") if getattr(mt, a) != getattr(mf, a)}
+                # "color"/"shape" fall back to "absent" when no colour/shape is free
+                assert diff == changed[kind] or (diff <= changed["absent"] and mf.shape not in
+                                                 {o.shape for o in scene.objects}), (kind, t, f)
+                if kind != "position":   # same template and phrasing: the same number of words
+                    assert len(t.split()) == len(f.split()), (t, f)
+    with pytest.raises(ValueError, match="unknown negative kind"):
+        S.false_object(scene, np.random.default_rng(0), "size")
+
+
 # --------------------------------------------------------------------------------------------- tokenizer
 
 HAND = "There is a red circle in the top left. A small orange star, two crosses."

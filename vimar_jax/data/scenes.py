@@ -468,16 +468,25 @@ def detail_prompt(rng: np.random.Generator) -> str:
 
 
 def false_sentence(scene: Scene, rng: np.random.Generator, kind: str) -> str:
-    """A sentence that is false for `scene` (a hard negative for contrastive training).
+    """A sentence that is false for `scene` (a hard negative for contrastive training): `false_object` of a
+    random object of the scene, described by `object_sentence`.
 
     kind: "color" (an object with a colour no object of its shape has), "shape" (an object's colour on a
     shape that colour never takes), "absent" (a shape that is not in the scene at all) or "position" (an
     object moved to an empty cell). Falls back to "absent" when the scene leaves no such choice.
     """
+    return object_sentence(false_object(scene, rng, kind), rng)
+
+
+def false_object(scene: Scene, rng: np.random.Generator, kind: str, obj: SceneObject | None = None) -> SceneObject:
+    """`obj` (default: a random object of `scene`) altered so that describing it is false for `scene`, by
+    `kind` as in `false_sentence`. Describing `obj` and the result with equally seeded generators gives a
+    minimal pair: the same template and phrasing, one attribute apart."""
     if kind not in ("color", "shape", "absent", "position"):
         raise ValueError(f"unknown negative kind {kind!r}")
     present = {(o.color, o.shape) for o in scene.objects}
-    obj = scene.objects[rng.integers(len(scene.objects))]
+    if obj is None:
+        obj = scene.objects[rng.integers(len(scene.objects))]
     replace = None
     if kind == "color":
         options = [c for c in COLORS if (c, obj.shape) not in present]
@@ -495,7 +504,7 @@ def false_sentence(scene: Scene, rng: np.random.Generator, kind: str) -> str:
     if replace is None:  # "absent", or no alternative above
         shapes = [s for s in SHAPES if s not in {o.shape for o in scene.objects}]
         replace = {"shape": shapes[rng.integers(len(shapes))], "color": list(COLORS)[rng.integers(len(COLORS))]}
-    return object_sentence(dataclasses.replace(obj, **replace), rng)
+    return dataclasses.replace(obj, **replace)
 
 
 # ------------------------------------------------------------------------------------------- vocabulary
