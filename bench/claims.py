@@ -510,21 +510,92 @@ def _metric(parts: dict, part: str, *keys):
     return node.get("metrics") if isinstance(node, dict) else None
 
 
+BOOTSTRAP_SAMPLES = 2000
+
+
+def chair_counts(part: dict | None, method: str):
+    """[n, 2] int array of (hallucinated mentions, mentions) of each held-out scene's caption of `method` in a
+    part's results (captions are of scenes 0..n-1 of the part's seed), or None when the part did not keep them."""
+    import numpy as np
+
+    from vimar_jax.data import scenes as S
+    from vimar_jax.eval.chair import score_caption
+
+    res = (part or {}).get("results", {}).get(method)
+    if not isinstance(res, dict) or not res.get("captions") or "seed" not in part:
+        return None
+    rows = []
+    for i, caption in enumerate(res["captions"]):
+        sc = score_caption(caption, S.scene_at(int(part["seed"]), i))
+        rows.append((len(sc.hallucinated), len(sc.mentions)))
+    return np.asarray(rows, np.int64)
+
+
+def paired_bootstrap(stat, *counts, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile interval of `stat(rate_1, rate_2, ...)` (CHAIR_I of each caption set as the ratio of
+    summed counts) over `samples` resamples of the scenes, the same scenes for every set (paired: each set
+    captions the same scenes). None when a set is missing or the sets differ in length."""
+    import numpy as np
+
+    if any(c is None for c in counts) or len({len(c) for c in counts}) != 1 or len(counts[0]) == 0:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(counts[0]), (samples, len(counts[0])))
+    rates = []
+    for c in counts:
+        sums = c[idx].sum(axis=1)                              # [samples, 2]
+        rates.append(sums[:, 0] / np.maximum(sums[:, 1], 1))
+    vals = stat(*rates)
+    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+
+
+def _noise(ci, met, bound: float = 0.0, met_when: str = "below") -> dict:
+    """{"ci95", "significant"}: whether the interval lies wholly on the verdict's side of `bound`, for a goal
+    met when the quantity is below `bound` ("below") or at least `bound` ("above")."""
+    if ci is None or met is None:
+        return {"ci95": None, "significant": None}
+    lo, hi = ci
+    if met_when == "below":
+        sig = hi < bound if met else lo > bound
+    else:
+        sig = lo >= bound if met else hi < bound
+    return {"ci95": [lo, hi], "significant": bool(sig)}
+
+
+def _ci_text(ci: dict, what: str, scale: float = 100.0, unit: str = " points") -> str:
+    if ci["ci95"] is None:
+        return ""
+    lo, hi = (scale * x for x in ci["ci95"])
+    verdict = "outside noise" if ci["significant"] else "within noise"
+    return f"; 95% bootstrap interval over scenes of {what}: [{lo:+.1f}, {hi:+.1f}]{unit} ({verdict})"
+
+
 def acceptance(parts: dict) -> list[dict]:
     """Issue 6's acceptance goals evaluated on the part results: each {id, goal, met (True / False / None =
-    not measured), numbers, detail}."""
+    not measured), numbers, detail, ci95, significant}. `met` is the goal read literally on the measured
+    rates; where the parts kept their captions, `ci95` is a paired bootstrap interval over the held-out scenes
+    of the compared quantity and `significant` says whether it lies wholly on the verdict's side of the goal's
+    bound (False: the verdict is within noise)."""
     out = []
 
-    def goal(gid, text, met, numbers, detail):
-        out.append({"id": gid, "goal": text, "met": met, "numbers": numbers, "detail": detail})
+    def goal(gid, text, met, numbers, detail, ci=None):
+        ci = ci or {"ci95": None, "significant": None}
+        out.append({"id": gid, "goal": text, "met": met, "numbers": numbers, "detail": detail, **ci})
+
+    def counts(part, method):
+        return chair_counts(parts.get(part), method)
+
+    import numpy as np
 
     g, v, vs = (_metric(parts, "methods", m) for m in ("greedy", "vimar", "visvm"))
     if g and v:
         rel = 1 - v["chair_i"] / g["chair_i"] if g["chair_i"] > 0 else 0.0
-        goal("vimar_chair_i", "ViMaR CHAIR_I at least 30% lower than greedy's", rel >= 0.30 - EPS,
+        met = rel >= 0.30 - EPS
+        cg, cv = counts("methods", "greedy"), counts("methods", "vimar")
+        ci = _noise(paired_bootstrap(lambda a, b: 1 - b / np.maximum(a, 1e-12), cg, cv), met, 0.30, "above")
+        goal("vimar_chair_i", "ViMaR CHAIR_I at least 30% lower than greedy's", met,
              {"greedy": g["chair_i"], "vimar": v["chair_i"], "reduction": rel},
              f"greedy {100 * g['chair_i']:.1f}%, ViMaR {100 * v['chair_i']:.1f}% (relative change {-100 * rel:+.0f}%; "
-             f"the goal is -30% or lower)")
+             f"the goal is -30% or lower)" + _ci_text(ci, "the relative reduction", unit="%"), ci)
         drop = g["recall"] - v["recall"]
         goal("vimar_recall", "ViMaR recall no more than 5 points below greedy's", drop <= 0.05 + EPS,
              {"greedy": g["recall"], "vimar": v["recall"], "drop": drop},
@@ -535,9 +606,13 @@ def acceptance(parts: dict) -> list[dict]:
                           ("vimar_recall", "ViMaR recall no more than 5 points below greedy's")):
             goal(gid, text, None, {}, "not measured (the methods part has not run)")
     if v and vs:
-        goal("vimar_vs_visvm_chair", "ViMaR CHAIR_I no higher than VisVM's", v["chair_i"] <= vs["chair_i"],
+        met = v["chair_i"] <= vs["chair_i"]
+        ci = _noise(paired_bootstrap(lambda a, b: b - a, counts("methods", "visvm"), counts("methods", "vimar")),
+                    met)
+        goal("vimar_vs_visvm_chair", "ViMaR CHAIR_I no higher than VisVM's", met,
              {"visvm": vs["chair_i"], "vimar": v["chair_i"]},
-             f"VisVM {100 * vs['chair_i']:.1f}%, ViMaR {100 * v['chair_i']:.1f}%")
+             f"VisVM {100 * vs['chair_i']:.1f}%, ViMaR {100 * v['chair_i']:.1f}%"
+             + _ci_text(ci, "ViMaR minus VisVM"), ci)
         goal("vimar_faster", "ViMaR faster per caption than VisVM at the same N and K",
              v["seconds_per_caption"] < vs["seconds_per_caption"],
              {"visvm": vs["seconds_per_caption"], "vimar": v["seconds_per_caption"]},
@@ -547,19 +622,27 @@ def acceptance(parts: dict) -> list[dict]:
         goal("vimar_faster", "ViMaR faster per caption than VisVM at the same N and K", None, {}, "not measured")
     bg, bv = _metric(parts, "cross_model", "greedy"), _metric(parts, "cross_model", "vimar")
     if bg and bv:
+        met = bv["chair_i"] < bg["chair_i"]
+        ci = _noise(paired_bootstrap(lambda a, b: b - a, counts("cross_model", "greedy"),
+                                     counts("cross_model", "vimar")), met)
         goal("cross_model", "guidance by policy a's value model lowers policy_b's CHAIR_I",
-             bv["chair_i"] < bg["chair_i"], {"greedy": bg["chair_i"], "vimar": bv["chair_i"]},
-             f"policy_b greedy {100 * bg['chair_i']:.1f}%, guided (ViMaR) {100 * bv['chair_i']:.1f}%")
+             met, {"greedy": bg["chair_i"], "vimar": bv["chair_i"]},
+             f"policy_b greedy {100 * bg['chair_i']:.1f}%, guided (ViMaR) {100 * bv['chair_i']:.1f}%"
+             + _ci_text(ci, "guided minus greedy"), ci)
     else:
         goal("cross_model", "guidance by policy a's value model lowers policy_b's CHAIR_I", None, {}, "not measured")
     sb, sg, sv = (_metric(parts, "self_training", m) for m in ("base", "greedy", "vimar"))
     if sb and sg and sv:
         dg, dv = sb["chair_i"] - sg["chair_i"], sb["chair_i"] - sv["chair_i"]
+        met = dv > dg
+        ci = _noise(paired_bootstrap(lambda a, b: b - a, counts("self_training", "greedy"),
+                                     counts("self_training", "vimar")), met)
         goal("self_training", "self-training on ViMaR captions lowers greedy CHAIR_I more than on greedy captions",
-             dv > dg, {"base": sb["chair_i"], "sft_greedy": sg["chair_i"], "sft_vimar": sv["chair_i"],
-                       "lowered_by_greedy": dg, "lowered_by_vimar": dv},
+             met, {"base": sb["chair_i"], "sft_greedy": sg["chair_i"], "sft_vimar": sv["chair_i"],
+                   "lowered_by_greedy": dg, "lowered_by_vimar": dv},
              f"base {100 * sb['chair_i']:.1f}%; fine-tuned on greedy captions {100 * sg['chair_i']:.1f}% "
-             f"({-100 * dg:+.1f} points), on ViMaR captions {100 * sv['chair_i']:.1f}% ({-100 * dv:+.1f} points)")
+             f"({-100 * dg:+.1f} points), on ViMaR captions {100 * sv['chair_i']:.1f}% ({-100 * dv:+.1f} points)"
+             + _ci_text(ci, "ViMaR-tuned minus greedy-tuned"), ci)
     else:
         goal("self_training", "self-training on ViMaR captions lowers greedy CHAIR_I more than on greedy captions",
              None, {}, "not measured")
@@ -627,6 +710,8 @@ def markdown(parts: dict, checks: list[dict], command: str) -> str:
     out += ["## Acceptance (issue 6)", ""]
     for c in checks:
         state = {True: "**met**", False: "**missed**", None: "not measured"}[c["met"]]
+        if c.get("significant") is False:
+            state += " (within noise)"
         out.append(f"- {state}: {c['goal']} — {c['detail']}")
     out.append("")
     return "\n".join(out)

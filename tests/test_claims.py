@@ -67,6 +67,42 @@ def test_acceptance_marks_made_up_results_met_and_missed():
     assert _met(quick)["quick_time"] is False
 
 
+def test_acceptance_bootstrap_intervals_from_the_kept_captions():
+    """With the captions kept, each CHAIR comparison gets a paired bootstrap interval over the scenes: clearly
+    separated caption sets are outside noise, equal ones within it; the interval brackets the measured
+    difference."""
+    n, seed = 40, 100
+    scenes = [S.scene_at(seed, i) for i in range(n)]
+    rng = np.random.default_rng(0)
+    true_caps = [S.caption(sc, rng) for sc in scenes]
+    false_caps = [" ".join([S.false_sentence(sc, rng, "absent"), S.caption(sc, rng)]) for sc in scenes]
+
+    def res(caps):
+        return {"metrics": {"chair_i": tiny_chair(zip(caps, scenes))["chair_i"], "recall": 0.5,
+                            "seconds_per_caption": 1.0}, "captions": caps}
+
+    parts = {"cross_model": {"seed": seed, "results": {"greedy": res(false_caps), "vimar": res(true_caps)}},
+             "self_training": {"seed": seed, "results": {"base": res(false_caps), "greedy": res(true_caps),
+                                                         "vimar": res(false_caps)}}}
+    checks = {c["id"]: c for c in claims.acceptance(parts)}
+    cross, st = checks["cross_model"], checks["self_training"]
+    assert cross["met"] is True and cross["significant"] is True
+    diff = parts["cross_model"]["results"]["vimar"]["metrics"]["chair_i"] - \
+        parts["cross_model"]["results"]["greedy"]["metrics"]["chair_i"]
+    assert cross["ci95"][0] <= diff <= cross["ci95"][1] < 0
+    assert st["met"] is False and st["significant"] is True and st["ci95"][0] > 0
+    assert "outside noise" in cross["detail"]
+    # the same captions on both sides: not lowered, and the interval is [0, 0]: no evidence either way
+    parts["cross_model"]["results"]["vimar"] = res(false_caps)
+    cross = {c["id"]: c for c in claims.acceptance(parts)}["cross_model"]
+    assert cross["met"] is False and cross["ci95"] == [0.0, 0.0] and cross["significant"] is False
+    assert "within noise" in cross["detail"]
+    # without captions (or with sets of different lengths) there is no interval
+    assert claims.paired_bootstrap(lambda a, b: b - a, None, np.ones((3, 2))) is None
+    assert claims.paired_bootstrap(lambda a, b: b - a, np.ones((3, 2)), np.ones((4, 2))) is None
+    assert {c["ci95"] for c in claims.acceptance(_parts()) if c["id"] != "quick_time"} == {None}
+
+
 def test_tau_specs_from_the_rollouts_deltas():
     d = np.random.default_rng(0).normal(0.5, 0.07, size=1000)
     assert claims.resolve_tau_spec("0", d) == 0.0
