@@ -844,7 +844,9 @@ def _run(ctx: Context, parts: Sequence[str], command: str) -> dict:
 
 
 def check_models(models: str) -> None:
-    missing = [n for n in MODEL_DIRS if not os.path.isfile(os.path.join(models, n, "config.json"))]
+    from bench.common import missing_model_dirs
+
+    missing = missing_model_dirs(models, MODEL_DIRS)
     if missing:
         raise FileNotFoundError(f"models directory {models} lacks {', '.join(missing)} (each a directory with "
                                 f"config.json); build it with `python train/tiny_world.py --out {models}` or pass "

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository: vimar_jax, bench
 
 KINDS = ("color", "shape", "absent", "position")
 
@@ -106,10 +106,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
-    for d in ("value", "clip") + (("policy",) if args.policy else ()):
-        if not os.path.isfile(os.path.join(args.models, d, "config.json")):
-            print(f"bench/pairwise.py: error: {args.models} has no {d}/config.json", file=sys.stderr)
-            return 2
+    from bench.common import missing_model_dirs
+
+    missing = missing_model_dirs(args.models, ("value", "clip") + (("policy",) if args.policy else ()))
+    if missing:
+        print(f"bench/pairwise.py: error: {args.models} has no {missing[0]}/config.json", file=sys.stderr)
+        return 2
     scorers = {"value": pipeline.load_value_scorer(os.path.join(args.models, "value")),
                "clip": pipeline.load_clip_scorer(os.path.join(args.models, "clip"))}
     if args.policy:
