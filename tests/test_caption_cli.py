@@ -123,3 +123,16 @@ def test_demo_runs_on_given_model_dirs(tmp_path, capsys):
     table = out[out.index("\nmethod ") + 1:].splitlines()
     assert [line.split()[0] for line in table[2:4]] == ["greedy", "vimar"]
     assert html_path.read_text().count("<div class='item'>") == 2
+
+
+def test_help_does_not_import_jax():
+    """`vimar --help` and every verb's parser build without importing jax or flax (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vimar_jax.cli import build_parser; p = build_parser(); "
+            "p.parse_args(['eval', 'tiny', '--n', '2']); "
+            "bad = sorted(m for m in ('jax', 'flax', 'torch', 'transformers') if m in sys.modules); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr

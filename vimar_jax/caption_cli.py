@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from vimar_jax.decode.search import CAPTION_SCORES, METHODS, STAGE2_MODES, SearchConfig
+from vimar_jax.decode.config import CAPTION_SCORES, METHODS, STAGE2_MODES, SearchConfig
 
 DEFAULT_PROMPT = "Describe this image in detail."
 
