@@ -5,8 +5,8 @@
 For each scene of the stream `seed` (default 100, the validation scenes), every object's true sentence is
 scored against one false sentence of each kind (wrong colour, wrong shape, absent shape, wrong position;
 `vimar_jax.data.scenes.false_object`) worded the same way (`minimal_pairs`), by the value model (image +
-sentence state) and by CLIP (δ). Prints
-the fraction of (true, false) pairs each scorer orders correctly (0.5 = chance). A value model that guides
+sentence state) and by CLIP (δ). Prints the fraction of (true, false) pairs each scorer orders correctly
+(0.5 = chance). A value model that guides
 search away from hallucination must order them; CLIP's row is what its reward could teach. With `--policy`,
 a third row scores each sentence by the policy's own log-likelihood of it as the whole answer to the detail
 prompt (teacher-forced): whether the policy, from which the value model starts, reads the image at all.
@@ -78,7 +78,9 @@ class PolicyLikelihood:
         import jax
 
         proc = self.vlm.processor
-        n_prompt = int(proc(images=[image], texts=[self.text])["attention_mask"].sum())
+        head = proc(images=[image], texts=[self.text])
+        prompt_ids = np.asarray(head["input_ids"])[0][np.asarray(head["attention_mask"])[0] > 0]
+        n_prompt = len(prompt_ids)
         enc = proc(images=[image] * len(sentences), texts=[self.text + s for s in sentences])
         logits = self.vlm.logits(enc["input_ids"], enc["pixel_values"], enc["image_sizes"], enc["attention_mask"])
         logp = np.asarray(jax.nn.log_softmax(logits[:, :-1], axis=-1))
@@ -86,6 +88,8 @@ class PolicyLikelihood:
         out = np.zeros(len(sentences))
         for r in range(len(sentences)):
             pos = np.nonzero(mask[r])[0]            # valid positions, whichever side the padding is on
+            if not np.array_equal(ids[r, pos[:n_prompt]], prompt_ids):
+                raise ValueError(f"tokenizing the prompt + {sentences[r]!r} changes the prompt's tokens")
             targets = pos[n_prompt:]                # the sentence's tokens, each predicted from the one before
             if targets.size == 0:
                 raise ValueError(f"sentence {sentences[r]!r} adds no tokens after the prompt")
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     from vimar_jax import pipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=str(pipeline.TINY_WORLD), help="directory with value/ and clip/")
+    p.add_argument("--models", default=str(pipeline.TINY_WORLD), help="directory with value/ and clip/ (and policy/ for --policy)")
     p.add_argument("--n", type=int, default=100, help="scenes")
     p.add_argument("--seed", type=int, default=100, help="scene stream (default: validation)")
     p.add_argument("--policy", action="store_true", help="add the policy's own likelihood (needs policy/)")
