@@ -85,7 +85,11 @@ def load_config(preset: str | None, overrides: Sequence[str] = ()):
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw
-        node[leaf] = value
+        try:
+            node[leaf] = value
+        except TypeError:
+            raise ValueError(f"--set {item}: {key} must be {type(node[leaf]).__name__} (configs/claims.py), got "
+                             f"{value!r}") from None
     return config
 
 

@@ -151,7 +151,7 @@ def test_set_overrides_recipe_entries_and_names_unknown_keys(tmp_path, capsys):
     assert c.self_training.num_scenes == 7 and c.prompt == "Describe it." and c.search.top_p == 0.8
     assert claims.load_config("smoke").self_training.num_scenes == 2
     for bad, named in (("self_training.num_scene=7", "self_training.num_scene"), ("nope.n=1", "nope"),
-                       ("methods.n", "KEY=VALUE")):
+                       ("methods.n", "KEY=VALUE"), ("methods.n=abc", "methods.n must be int")):
         with pytest.raises(ValueError, match=named):
             claims.load_config("smoke", [bad])
     assert claims.main(["--out", str(tmp_path), "--preset", "smoke", "--set", "methods.m=1"]) == 2
