@@ -230,11 +230,11 @@ def random_tiny_world(directory: str, *, seed: int = 0, roles=("policy", "value"
     return out
 
 
-__all__ = ["ROOT", "block", "timed", "median_times", "ratio", "fmt", "Table", "machine_line", "tiny_world_hf",
-           "shipped_tiny_world", "random_tiny_world"]
-
-
 def missing_model_dirs(models: str, names: Sequence[str]) -> list[str]:
     """The tiny-world model directories among `names` (clip, policy, value, policy_b) that `models` lacks (no
     config.json)."""
     return [n for n in names if not os.path.isfile(os.path.join(models, n, "config.json"))]
+
+
+__all__ = ["ROOT", "block", "timed", "median_times", "ratio", "fmt", "Table", "machine_line", "tiny_world_hf",
+           "shipped_tiny_world", "random_tiny_world", "missing_model_dirs"]

@@ -29,9 +29,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from vimar_jax.decode.buffer import CaptionBuffer, append, splice
-
-# The search settings live in a module without jax, so that command-line parsers can use them cheaply.
-from vimar_jax.decode.config import CAPTION_SCORES, METHODS, STAGE2_MODES, SearchConfig  # noqa: E402,F401
+# The search settings live in a module without jax (command-line parsers use them); re-exported here.
+from vimar_jax.decode.config import CAPTION_SCORES, METHODS, STAGE2_MODES, SearchConfig  # noqa: F401
 
 
 @dataclasses.dataclass
