@@ -204,6 +204,71 @@ def test_rollouts_equal_one_generate_call(models, tiny_rollouts):
             assert proc.tokenizer.decode(ids[x["span"][0]:x["span"][1]]).strip() == x["text"]
 
 
+def test_counterfactual_trajectories(models, tiny_rollouts, tmp_path):
+    """`--counterfactuals 2`: the sampled and ground-truth trajectories are those of the same run without
+    them; each counterfactual trajectory is a sampled one from a sentence on, that sentence with one colour,
+    shape or position phrase replaced; its δ is the CLIP's; τ and the δ statistics ignore it, also when
+    train_value resolves τ as a percentile itself."""
+    sys.path.insert(0, str(ROOT / "train"))
+    import train_value
+
+    from vimar_jax.clip import load_clip
+    from vimar_jax.data import scenes as S
+    from vimar_jax.data import sources, transitions as tr
+    from vimar_jax.data.packing import StateTemplate
+
+    out = tmp_path / "cf"
+    run_rollouts(models, out, "tiny:7:3", "--shards", "2", "--tau", "p17", "--seed", "3", "--counterfactuals", "2")
+    base, _ = records_by_grain(tiny_rollouts)
+    recs, _ = records_by_grain(out)
+    cf_ids = {(g["group"], t["traj"]) for p in tr.shard_paths(str(out)) for g in tr.read_shard_index(p)["groups"]
+              for t in g["trajectories"] if t.get("counterfactual")}
+    own = [r for r in recs if (r["group"], r["traj"]) not in cf_ids]
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("delta", "reward")}   # noqa: E731
+    assert [drop(r) for r in own] == [drop(r) for r in base]   # δ: the text batch is larger, so ~1e-7 apart
+    np.testing.assert_allclose([r["delta"] for r in own], [r["delta"] for r in base], atol=1e-5)
+    m0, m1 = tr.read_manifest(str(tiny_rollouts)), tr.read_manifest(str(out))
+    assert m1["reward"]["tau"] == pytest.approx(m0["reward"]["tau"], abs=1e-5)
+    assert m1["delta_stats"]["count"] == m0["delta_stats"]["count"]
+    assert m1["counts"]["counterfactual_trajectories"] == len(cf_ids) > 0
+    assert m1["settings"]["counterfactuals"] == 2
+
+    def trajectories(rs):
+        t: dict = {}
+        for r in rs:
+            t.setdefault((r["group"], r["traj"]), []).append(r)
+        return t
+
+    by = trajectories(recs)
+    sampled = {k: v for k, v in by.items() if k not in cf_ids and not v[0]["gt"]}
+    per_source = {}
+    lexicon = set(S.COLORS) | set(S.SHAPES) | set(S.PLURALS.values())
+    clip = load_clip(models[1])
+    for key in sorted(cf_ids):
+        cf = [r["text"] for r in by[key]]
+        assert not by[key][0]["gt"] and by[key][-1]["done"]
+        hits = [(k, len(v) - len(cf)) for k, v in sampled.items() if k[0] == key[0] and len(v) >= len(cf)
+                and [r["text"] for r in v[len(v) - len(cf) + 1:]] == cf[1:]
+                and by[key][0]["temperature"] == v[0]["temperature"]]
+        assert hits, cf
+        src, i = hits[0]
+        original = sampled[src][i]["text"]
+        per_source[src] = per_source.get(src, 0) + 1
+        a, b = original.split(), cf[0].split()
+        changed = [(x, y) for x, y in zip(a, b) if x != y]
+        assert cf[0] != original
+        if len(a) == len(b) and len(changed) <= 2:   # a colour (and its article) or a shape
+            assert any(x.lower().strip(".,") in lexicon for x, _ in changed), (original, cf[0])
+        img = sources.open_image(by[key][0]["image"])
+        want = float(clip.embed_images([img])[0] @ clip.embed_texts([cf[0]])[0])
+        assert by[key][0]["delta"] == pytest.approx(want, abs=2e-5)
+    assert max(per_source.values()) <= 2
+    template = StateTemplate.from_dir(models[0])
+    _, cfg, _, _ = train_value._read_groups(str(out), template, {"tau": "p17", "alpha": None, "variant": "manifest",
+                                                                  "ground_truth_reward": None})
+    assert cfg.tau == pytest.approx(m1["reward"]["tau"], abs=1e-6)
+
+
 def test_rerun_skips_finished_shards_and_rewrites_partial(models, tiny_rollouts, tmp_path, capsys):
     import shutil
 

@@ -206,6 +206,37 @@ def test_false_object_gives_minimal_pairs():
         S.false_object(scene, np.random.default_rng(0), "size")
 
 
+def test_counterfactual_sentence_changes_one_attribute():
+    """`counterfactual_sentence` of a true object sentence changes exactly the attribute of its kind (as read
+    back by CHAIR's parser), keeps the rest of the wording and the article agreement, and keeps plurals."""
+    from vimar_jax.eval.chair import parse_mentions
+
+    attr = {"color": "color", "shape": "shape", "position": "cell"}
+    seen = set()
+    for i, scene in enumerate(S.scenes(9, 30)):
+        for j, obj in enumerate(scene.objects):
+            t = S.object_sentence(obj, np.random.default_rng([i, j]))
+            for kinds in (("color",), ("shape",), ("position",), S.COUNTERFACTUAL_KINDS):
+                f, kind = S.counterfactual_sentence(t, np.random.default_rng([i, j, len(kinds)]), kinds)
+                seen.add(kind)
+                assert kind in kinds
+                (mt,), (mf,) = parse_mentions(t), parse_mentions(f)
+                diff = {a for a in ("color", "shape", "cell") if getattr(mt, a) != getattr(mf, a)}
+                assert diff == {attr[kind]}, (kind, t, f)
+                assert f[0].isupper() and f.endswith(".")
+                assert not re.search(r"\b[Aa] (?:orange)\b|\b[Aa]n (?:red|green|blue|yellow|purple|white)\b", f), f
+                if kind != "position":
+                    assert len(f.split()) == len(t.split())
+    assert seen == set(S.COUNTERFACTUAL_KINDS)
+    rng = np.random.default_rng(0)
+    assert S.counterfactual_sentence("There are three objects.", rng) is None
+    assert S.counterfactual_sentence("Two of them are crosses.", rng, ("shape",))[0] in {
+        f"Two of them are {S.PLURALS[s]}." for s in S.SHAPES if s != "cross"}
+    assert S.counterfactual_sentence("A red circle is here.", rng, ("color",))[0].split()[0] in ("A", "An")
+    with pytest.raises(ValueError, match="unknown counterfactual kind"):
+        S.counterfactual_sentence("A red circle.", rng, ("size",))
+
+
 # --------------------------------------------------------------------------------------------- tokenizer
 
 HAND = "There is a red circle in the top left. A small orange star, two crosses."

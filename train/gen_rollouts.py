@@ -12,7 +12,13 @@ For every (image, prompt) pair of the source (`folder:PATH`, `jsonl:PATH`, `coco
 3. δ = cos(CLIP image, CLIP sentence) for every sentence, the image embedded once and all sentences of the
    image in one text batch;
 4. the ground-truth caption, when the source has one (`--ground-truth auto`), is one more trajectory
-   (temperature -1, `gt`), whose sentences later get the constant reward 0.27.
+   (temperature -1, `gt`), whose sentences later get the constant reward 0.27;
+5. `--counterfactuals K` (ours, default 0) adds K counterfactual trajectories per sampled one: a sentence of
+   it with one colour, shape or position phrase replaced (`scenes.counterfactual_sentence`, the tiny world's
+   lexicon), followed by the trajectory's remaining sentences, all scored by the CLIP like any rollout.
+   Such a pair of states differs in one grounded word and has the same future, so the TD targets of the two
+   differ by exactly the reward difference the CLIP sees. Their δ count in the rewards but not in τ's
+   percentile or the δ statistics (which describe the policy's own sentences).
 
 Records (`vimar_jax.data.transitions`) store δ, not the reward: **rewards are computed at training time from δ
 and τ** — τ given as a percentile (`--tau p17`) is resolved over the δ of all rollouts (ground truth
@@ -68,12 +74,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=reward_lib.DEFAULT_ALPHA)
     p.add_argument("--reward-variant", default="margin", choices=reward_lib.REWARD_VARIANTS)
     p.add_argument("--gt-reward", type=float, default=reward_lib.GROUND_TRUTH_REWARD)
+    p.add_argument("--counterfactuals", type=int, default=0,
+                   help="counterfactual trajectories per sampled trajectory (one attribute word replaced)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
     args = p.parse_args(argv)
     if args.shards < 1:
         p.error("--shards must be >= 1")
+    if args.counterfactuals < 0:
+        p.error("--counterfactuals must be >= 0")
     try:
         k, n = (int(x) for x in args.worker.split("/"))
         if not 0 <= k < n:
@@ -100,7 +110,7 @@ def settings_of(args) -> dict:
             "shards": args.shards, "prompt": args.prompt, "image_root": args.image_root,
             "temperatures": args.temperature_list, "top_p": args.top_p, "top_k": args.top_k,
             "max_new_tokens": args.max_new_tokens, "ground_truth": args.ground_truth, "seed": args.seed,
-            "dtype": args.dtype, "reward": {"tau": args.tau, "alpha": args.alpha, "variant": args.reward_variant,
+            "dtype": args.dtype, "counterfactuals": args.counterfactuals, "reward": {"tau": args.tau, "alpha": args.alpha, "variant": args.reward_variant,
                                             "ground_truth_reward": args.gt_reward}}
 
 
@@ -155,6 +165,29 @@ class Roller:
                 kept.append([int(a), int(b)])
         return texts, kept
 
+    def counterfactuals(self, trajs: list, seed: int) -> list:
+        """`args.counterfactuals` counterfactual trajectories per sampled trajectory of `trajs` (see the module
+        docstring, step 5), numbered after the others; a trajectory without a replaceable word gives none."""
+        from vimar_jax.data import scenes
+
+        K = self.args.counterfactuals
+        if K <= 0:
+            return []
+        rng = np.random.default_rng([int(seed), 7])
+        out, number = [], max((t[0] for t in trajs), default=-1) + 1
+        for traj, temp, is_gt, texts, spans in trajs:
+            if is_gt:
+                continue
+            for _ in range(K):
+                order = rng.permutation(len(texts))
+                for i in order:
+                    swapped = scenes.counterfactual_sentence(texts[i], rng)
+                    if swapped is not None:
+                        out.append((number, temp, False, [swapped[0], *texts[i + 1:]], spans[i:]))
+                        number += 1
+                        break
+        return out
+
     def __call__(self, item: src_lib.Item, image, seed: int) -> tuple[list[dict], dict]:
         """(records, counts) of one item."""
         from vimar_jax import text as text_lib
@@ -184,6 +217,8 @@ class Roller:
             texts, spans = self.sentences(ids, text_lib.token_sentence_spans(ids, self.table))
             if texts:
                 trajs.append((C, -1.0, True, texts, spans))
+        counterfactual = self.counterfactuals(trajs, seed)
+        trajs += counterfactual
         img_embed = self.clip.embed_images([image])[0]
         all_sentences = [s for t in trajs for s in t[3]]
         deltas = reward_lib.sentence_deltas(self.clip, img_embed, all_sentences)
@@ -194,7 +229,9 @@ class Roller:
                                              traj=traj, temperature=temp, gt=is_gt, sentences=texts, spans=spans,
                                              deltas=deltas[k:k + len(texts)])
             k += len(texts)
-        counts = {"trajectories": len(trajs), "empty_trajectories": C - sum(1 for t in trajs if not t[2]),
+        counts = {"trajectories": len(trajs), "counterfactual_trajectories": len(counterfactual),
+                  "counterfactual": [t[0] for t in counterfactual],
+                  "empty_trajectories": C - sum(1 for t in trajs[:len(trajs) - len(counterfactual)] if not t[2]),
                   "budget_stops": budget, "tokens": tokens, "sentences": len(records)}
         return records, counts
 
@@ -212,7 +249,8 @@ def run_shard(roller: Roller, source: src_lib.Source, out: str, shard: int, n_sh
     writer = tr.ShardWriter(out, shard, n_shards)
     index = {"shard": shard, "items": [items.start, items.stop], "groups": [], "skipped": [], "deltas": [],
              "counts": {"images": 0, "skipped_images": 0, "trajectories": 0, "empty_trajectories": 0,
-                        "budget_stops": 0, "tokens": 0, "sentences": 0, "gt_sentences": 0}}
+                        "budget_stops": 0, "tokens": 0, "sentences": 0, "gt_sentences": 0,
+                        "counterfactual_trajectories": 0, "counterfactual_sentences": 0}}
     t0 = time.perf_counter()
     try:
         for i in items:
@@ -229,12 +267,16 @@ def run_shard(roller: Roller, source: src_lib.Source, out: str, shard: int, n_sh
             records, counts = roller(item, image, seed)
             start = writer.count
             trajs: dict[int, dict] = {}
+            cf = set(counts["counterfactual"])
             for rec in records:
                 writer.write(rec)
                 t = trajs.setdefault(rec["traj"], {"traj": rec["traj"], "temperature": rec["temperature"],
                                                    "gt": rec["gt"], "sentences": 0})
                 t["sentences"] += 1
-                if rec["gt"]:
+                if rec["traj"] in cf:
+                    t["counterfactual"] = True
+                    index["counts"]["counterfactual_sentences"] += 1
+                elif rec["gt"]:
                     index["counts"]["gt_sentences"] += 1
                 else:
                     index["deltas"].append(round(rec["delta"], 7))
@@ -243,7 +285,8 @@ def run_shard(roller: Roller, source: src_lib.Source, out: str, shard: int, n_sh
                                     "trajectories": list(trajs.values())})
             c = index["counts"]
             c["images"] += 1
-            for k in ("trajectories", "empty_trajectories", "budget_stops", "tokens", "sentences"):
+            for k in ("trajectories", "counterfactual_trajectories", "empty_trajectories", "budget_stops", "tokens",
+                      "sentences"):
                 c[k] += counts[k]
             totals["images"] += 1
             totals["sentences"] += counts["sentences"]

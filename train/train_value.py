@@ -113,8 +113,13 @@ class Data:
 
 def _read_groups(directory: str, template, overrides: dict):
     manifest = tr.read_manifest(directory)
-    records = [rec for p in tr.shard_paths(directory) for rec in tr.read_shard(p)]
-    deltas = np.asarray([r["delta"] for r in records if not r["gt"]], np.float64)
+    paths = tr.shard_paths(directory)
+    records = [rec for p in paths for rec in tr.read_shard(p)]
+    # τ as a percentile describes the policy's own sentences: not the ground truth, not the counterfactuals.
+    counterfactual = {(g["group"], t["traj"]) for p in paths for g in tr.read_shard_index(p).get("groups", ())
+                      for t in g.get("trajectories", ()) if t.get("counterfactual")}
+    deltas = np.asarray([r["delta"] for r in records if not r["gt"] and (r["group"], r["traj"]) not in counterfactual],
+                        np.float64)
     cfg = tr.resolve_reward_config(manifest, overrides, deltas if deltas.size else None)
     rewards = tr.rewards([r["delta"] for r in records], [r["gt"] for r in records], cfg)
     return packing.groups_from_records(records, template, rewards), cfg, manifest, len(records)

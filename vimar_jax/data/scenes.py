@@ -507,6 +507,63 @@ def false_object(scene: Scene, rng: np.random.Generator, kind: str, obj: SceneOb
     return dataclasses.replace(obj, **replace)
 
 
+COUNTERFACTUAL_KINDS = ("color", "shape", "position")
+_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
+_CELL_OF_PHRASE = {p: cell for cell, ps in POSITION_PHRASES.items() for p in ps}
+_PHRASE_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _CELL_OF_PHRASE), key=len, reverse=True)) + r")\b",
+                        re.IGNORECASE)
+_WORD_TOKEN_RE = re.compile(r"[A-Za-z]+")
+
+
+def _same_case(new: str, old: str) -> str:
+    return new[0].upper() + new[1:] if old[:1].isupper() else new
+
+
+def counterfactual_sentence(sentence: str, rng: np.random.Generator,
+                            kinds: Sequence[str] = COUNTERFACTUAL_KINDS) -> tuple[str, str] | None:
+    """(`sentence` with one attribute word or position phrase replaced by another of its kind, the kind),
+    or None when the sentence has none of `kinds`. No scene is consulted: whether the result is true is for
+    the reward model to say. The article before a replaced colour follows it ("a red" -> "an orange"); a
+    plural shape stays plural. The kind, and which occurrence, are drawn from `rng`."""
+    bad = [k for k in kinds if k not in COUNTERFACTUAL_KINDS]
+    if bad:
+        raise ValueError(f"unknown counterfactual kind(s) {bad}; expected some of {COUNTERFACTUAL_KINDS}")
+    spots: list[tuple[str, int, int, str]] = []        # (kind, start, end, matched text)
+    if "position" in kinds:
+        spots += [("position", m.start(), m.end(), m.group(0)) for m in _PHRASE_RE.finditer(sentence)]
+    taken = [(a, b) for _, a, b, _ in spots]
+    for m in _WORD_TOKEN_RE.finditer(sentence):
+        w = m.group(0).lower()
+        kind = "color" if w in COLORS else "shape" if w in _SHAPE_WORDS else None
+        if kind in kinds and not any(a <= m.start() < b for a, b in taken):
+            spots.append((kind, m.start(), m.end(), m.group(0)))
+    if not spots:
+        return None
+    present = sorted({k for k, *_ in spots})
+    kind = present[rng.integers(len(present))]
+    mine = [s for s in spots if s[0] == kind]
+    _, a, b, old = mine[rng.integers(len(mine))]
+    low = old.lower()
+    if kind == "color":
+        options = [c for c in COLORS if c != low]
+        new = options[rng.integers(len(options))]
+    elif kind == "shape":
+        base = _SHAPE_WORDS[low]
+        options = [s for s in SHAPES if s != base]
+        new = options[rng.integers(len(options))]
+        new = PLURALS[new] if low != base else new
+    else:
+        cell = _CELL_OF_PHRASE[low]
+        options = [p for c, ps in POSITION_PHRASES.items() if c != cell for p in ps]
+        new = options[rng.integers(len(options))]
+    head, tail = sentence[:a], sentence[b:]
+    if kind == "color":   # fix the indefinite article right before the colour word
+        m = re.search(r"\b(an?)(\s+)$", head, re.IGNORECASE)
+        if m:
+            head = head[:m.start()] + _same_case(_article(new), m.group(1)) + m.group(2)
+    return head + _same_case(new, old) + tail, kind
+
+
 # ------------------------------------------------------------------------------------------- vocabulary
 
 WORD_RE = re.compile(r"[A-Za-z]+|[0-9]+|[.,!?:;]|\n")
