@@ -31,17 +31,9 @@ SEEDS = dict(clip_train=1, policy_train=2, policy_b_train=3, validation=100, eva
 def _full() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seeds = ml_collections.ConfigDict(SEEDS)
-    # A wider CLIP vision tower than configs/tiny_clip.py: on validation (seed 100) it lifts the CLIP's shape
-    # pairwise accuracy from 0.73 to 0.82 and a linear shape probe of the policy's features from 0.69 to 0.86
-    # (the 96-wide tower left the policy unable to tell shapes apart).
-    c.clip = ml_collections.ConfigDict(dict(
-        model=dict(vision_hidden=192, vision_layers=6, vision_heads=6, vision_mlp=768),
-    ))
-    # Both policies: 4000 steps on 16,000 scenes with one caption each (the recipe: 1000 steps on 4,000 x 2).
-    # On validation, with the wider CLIP: greedy CHAIR_I 39.7% (was 53%), recall 43%.
-    longer = dict(total_steps=4000, data=dict(num_scenes=16000, variants=1))
-    c.policy = ml_collections.ConfigDict(longer)
-    c.policy_b = ml_collections.ConfigDict(longer)
+    c.clip = ml_collections.ConfigDict()       # configs/tiny_clip.py as it is
+    c.policy = ml_collections.ConfigDict()     # configs/tiny_policy.py as it is
+    c.policy_b = ml_collections.ConfigDict()   # configs/tiny_policy_qwen.py as it is
     c.rollouts = ml_collections.ConfigDict(dict(
         num_scenes=800,             # (image, prompt) pairs: scenes 0..N-1 of the policy's training stream
         temperatures="0,0.2,0.4,0.6,0.8",
@@ -50,6 +42,7 @@ def _full() -> ml_collections.ConfigDict:
         tau="p17",                  # margin as a percentile of δ over the rollouts (SPEC §2, ours)
         shards=4,
         seed=0,
+        counterfactuals=0,          # gen_rollouts --counterfactuals (ours; 0 = the paper's data)
     ))
     # Constant reward of the ground-truth caption's sentences (the rollouts' extra trajectory): a number or
     # a decile of the rollouts' δ; "p90" as 0.27 is about P90 of δ for CLIP-L/336 on COCO (SPEC §2).

@@ -206,9 +206,9 @@ def test_rollouts_equal_one_generate_call(models, tiny_rollouts):
 
 def test_counterfactual_trajectories(models, tiny_rollouts, tmp_path):
     """`--counterfactuals 2`: the sampled and ground-truth trajectories are those of the same run without
-    them; each counterfactual trajectory is a sampled one from a sentence on, that sentence with one colour,
-    shape or position phrase replaced; its δ is the CLIP's; τ and the δ statistics ignore it, also when
-    train_value resolves τ as a percentile itself."""
+    them; each counterfactual trajectory is one of those (ground truth included) from a sentence on, that
+    sentence with one colour, shape or position phrase replaced; it is not ground truth and its δ is the
+    CLIP's; τ and the δ statistics ignore it, also when train_value resolves τ as a percentile itself."""
     sys.path.insert(0, str(ROOT / "train"))
     import train_value
 
@@ -240,7 +240,7 @@ def test_counterfactual_trajectories(models, tiny_rollouts, tmp_path):
         return t
 
     by = trajectories(recs)
-    sampled = {k: v for k, v in by.items() if k not in cf_ids and not v[0]["gt"]}
+    sampled = {k: v for k, v in by.items() if k not in cf_ids}
     per_source = {}
     lexicon = set(S.COLORS) | set(S.SHAPES) | set(S.PLURALS.values())
     clip = load_clip(models[1])
@@ -263,6 +263,7 @@ def test_counterfactual_trajectories(models, tiny_rollouts, tmp_path):
         want = float(clip.embed_images([img])[0] @ clip.embed_texts([cf[0]])[0])
         assert by[key][0]["delta"] == pytest.approx(want, abs=2e-5)
     assert max(per_source.values()) <= 2
+    assert any(sampled[k][0]["gt"] for k in per_source) and any(not sampled[k][0]["gt"] for k in per_source)
     template = StateTemplate.from_dir(models[0])
     _, cfg, _, _ = train_value._read_groups(str(out), template, {"tau": "p17", "alpha": None, "variant": "manifest",
                                                                   "ground_truth_reward": None})

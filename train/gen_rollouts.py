@@ -13,8 +13,8 @@ For every (image, prompt) pair of the source (`folder:PATH`, `jsonl:PATH`, `coco
    image in one text batch;
 4. the ground-truth caption, when the source has one (`--ground-truth auto`), is one more trajectory
    (temperature -1, `gt`), whose sentences later get the constant reward 0.27;
-5. `--counterfactuals K` (ours, default 0) adds K counterfactual trajectories per sampled one: a sentence of
-   it with one colour, shape or position phrase replaced (`scenes.counterfactual_sentence`, the tiny world's
+5. `--counterfactuals K` (ours, default 0) adds K counterfactual trajectories per trajectory (sampled or
+   ground truth): a sentence of it with one colour, shape or position phrase replaced (`scenes.counterfactual_sentence`, the tiny world's
    lexicon), followed by the trajectory's remaining sentences, all scored by the CLIP like any rollout.
    Such a pair of states differs in one grounded word and has the same future, so the TD targets of the two
    differ by exactly the reward difference the CLIP sees. Their δ count in the rewards but not in τ's
@@ -166,8 +166,9 @@ class Roller:
         return texts, kept
 
     def counterfactuals(self, trajs: list, seed: int) -> list:
-        """`args.counterfactuals` counterfactual trajectories per sampled trajectory of `trajs` (see the module
-        docstring, step 5), numbered after the others; a trajectory without a replaceable word gives none."""
+        """`args.counterfactuals` counterfactual trajectories per trajectory of `trajs`, the ground truth's
+        included (see the module docstring, step 5), numbered after the others; a trajectory without a
+        replaceable word gives none. They are not ground truth: every sentence of one gets its CLIP reward."""
         from vimar_jax.data import scenes
 
         K = self.args.counterfactuals
@@ -176,8 +177,6 @@ class Roller:
         rng = np.random.default_rng([int(seed), 7])
         out, number = [], max((t[0] for t in trajs), default=-1) + 1
         for traj, temp, is_gt, texts, spans in trajs:
-            if is_gt:
-                continue
             for _ in range(K):
                 order = rng.permutation(len(texts))
                 for i in order:
