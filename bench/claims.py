@@ -106,6 +106,26 @@ def _weights_stamp(path: str) -> list:
     return [[f, os.path.getsize(os.path.join(path, f)), os.path.getmtime(os.path.join(path, f))] for f in names]
 
 
+def models_digest(path: str) -> str | None:
+    """SHA-1 over the files of the model directories (`MODEL_DIRS`) under `path`: relative names and contents,
+    so that byte-identical models in two places are the same models. None if `path` is not a directory."""
+    if not os.path.isdir(path):
+        return None
+    h = hashlib.sha1()
+    for name in MODEL_DIRS:
+        root = os.path.join(path, name)
+        for d, dirs, files in sorted(os.walk(root, followlinks=True)):
+            dirs.sort()
+            for f in sorted(files):
+                full = os.path.join(d, f)
+                h.update(os.path.relpath(full, path).encode() + b"\0")
+                with open(full, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+                h.update(b"\0")
+    return h.hexdigest()
+
+
 class Context:
     """The run: recipe, models, output directory, and the models loaded so far (shared across parts)."""
 
@@ -219,8 +239,24 @@ class Context:
     def part_path(self, part: str) -> str:
         return os.path.join(self.out, f"{part}.json")
 
+    @property
+    def digest(self) -> str | None:
+        if not hasattr(self, "_digest"):
+            self._digest = models_digest(self.models)
+        return self._digest
+
     def stamp(self) -> dict:
-        return {"preset": self.cfg.preset, "recipe": _plain(self.cfg), "models": self.models}
+        return {"preset": self.cfg.preset, "recipe": _plain(self.cfg), "models": self.models,
+                "models_digest": self.digest}
+
+    def same_models(self, data: dict) -> bool:
+        """Whether a part was made with these models: the same directory, or byte-identical files (the part's
+        recorded digest, or, for a part that has none, its directory as it is now)."""
+        theirs = data.get("models")
+        if theirs == self.models:
+            return True
+        digest = data.get("models_digest") or (models_digest(theirs) if isinstance(theirs, str) else None)
+        return digest is not None and digest == self.digest
 
     def load_part(self, part: str) -> dict | None:
         path = self.part_path(part)
@@ -230,9 +266,9 @@ class Context:
             data = json.load(f)
         mine, theirs = _plain(self.cfg), data.get("recipe") or {}
         keys = (*SHARED_RECIPE_KEYS, part)
-        if any(theirs.get(k) != mine.get(k) for k in keys) or data.get("models") != self.models:
-            raise ValueError(f"{path} was made with another recipe (its {', '.join(keys)} entries) or models "
-                             f"directory (preset "
+        if any(theirs.get(k) != mine.get(k) for k in keys) or not self.same_models(data):
+            raise ValueError(f"{path} was made with another recipe (its {', '.join(keys)} entries) or other "
+                             f"models (preset "
                              f"{data.get('preset')!r}, models {data.get('models')!r}); use another --out, or "
                              f"delete it to redo the part")
         return data

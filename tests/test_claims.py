@@ -282,3 +282,14 @@ def test_resume_skips_finished_parts_and_refuses_another_recipe(smoke):
     assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["parts"] == {"methods": "skipped"}
     proc, _ = _run(out, "--preset", "smoke", "--parts", "methods", "--set", "search.top_p=0.8")
     assert proc.returncode == 2 and "another recipe" in proc.stderr
+    # the same models in another place (byte-identical files) are the same models; one changed file is not
+    import shutil
+
+    copy = out.parent / f"{out.name}_models"
+    shutil.copytree(MODELS, copy)
+    proc, _ = _run(out, "--preset", "smoke", "--parts", "methods", "--models", str(copy))
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["parts"] == {"methods": "skipped"}
+    with open(copy / "value" / "config.json", "a", encoding="utf-8") as f:
+        f.write("\n")
+    proc, _ = _run(out, "--preset", "smoke", "--parts", "methods", "--models", str(copy))
+    assert proc.returncode == 2 and "other models" in proc.stderr

@@ -97,7 +97,7 @@ def rollouts_argv(cfg, out: str, work: str) -> list[str]:
             "--out", os.path.join(work, "rollouts"), "--shards", str(int(r.shards)),
             "--temperatures", str(r.temperatures), "--top-p", str(float(r.top_p)),
             "--max-new-tokens", str(int(r.max_new_tokens)), "--tau", str(r.tau), "--seed", str(int(r.seed)),
-            "--progress", "off"]
+            "--counterfactuals", str(int(r.get("counterfactuals", 0))), "--progress", "off"]
 
 
 def value_config(cfg, out: str, work: str) -> ml_collections.ConfigDict:
