@@ -14,8 +14,9 @@ For every (image, prompt) pair of the source (`folder:PATH`, `jsonl:PATH`, `coco
 4. the ground-truth caption, when the source has one (`--ground-truth auto`), is one more trajectory
    (temperature -1, `gt`), whose sentences later get the constant reward 0.27;
 5. `--counterfactuals K` (ours, default 0) adds K counterfactual trajectories per trajectory (sampled or
-   ground truth): a sentence of it with one colour, shape or position phrase replaced (`scenes.counterfactual_sentence`, the tiny world's
-   lexicon), followed by the trajectory's remaining sentences, all scored by the CLIP like any rollout.
+   ground truth): a sentence of it with one colour, shape or position phrase replaced
+   (`scenes.counterfactual_sentence`, the tiny world's lexicon), followed by the trajectory's remaining
+   sentences, all scored by the CLIP like any rollout.
    Such a pair of states differs in one grounded word and has the same future, so the TD targets of the two
    differ by exactly the reward difference the CLIP sees. Their δ count in the rewards but not in τ's
    percentile or the δ statistics (which describe the policy's own sentences).
@@ -75,7 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reward-variant", default="margin", choices=reward_lib.REWARD_VARIANTS)
     p.add_argument("--gt-reward", type=float, default=reward_lib.GROUND_TRUTH_REWARD)
     p.add_argument("--counterfactuals", type=int, default=0,
-                   help="counterfactual trajectories per sampled trajectory (one attribute word replaced)")
+                   help="counterfactual trajectories per trajectory, ground truth included (one colour, shape or "
+                        "position replaced; CLIP-scored; default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto")
@@ -110,8 +112,9 @@ def settings_of(args) -> dict:
             "shards": args.shards, "prompt": args.prompt, "image_root": args.image_root,
             "temperatures": args.temperature_list, "top_p": args.top_p, "top_k": args.top_k,
             "max_new_tokens": args.max_new_tokens, "ground_truth": args.ground_truth, "seed": args.seed,
-            "dtype": args.dtype, "counterfactuals": args.counterfactuals, "reward": {"tau": args.tau, "alpha": args.alpha, "variant": args.reward_variant,
-                                            "ground_truth_reward": args.gt_reward}}
+            "dtype": args.dtype, "counterfactuals": args.counterfactuals,
+            "reward": {"tau": args.tau, "alpha": args.alpha, "variant": args.reward_variant,
+                       "ground_truth_reward": args.gt_reward}}
 
 
 def check_settings(out: str, settings: dict) -> None:
