@@ -571,6 +571,17 @@ def chair_counts(part: dict | None, method: str):
     return np.asarray(rows, np.int64)
 
 
+def greedy_on_ablation_scenes(parts: dict) -> float | None:
+    """Greedy CHAIR_I on the ablations' scenes (the first n of the methods part's captions, same seed), the
+    reference the ablation rows are read against; None when the parts do not allow it."""
+    abl, methods = parts.get("ablations"), parts.get("methods")
+    c = chair_counts(methods, "greedy")
+    if not abl or c is None or methods.get("seed") != abl.get("seed") or len(c) < int(abl["n"]):
+        return None
+    c = c[:int(abl["n"])]
+    return float(c[:, 0].sum() / max(c[:, 1].sum(), 1))
+
+
 def paired_bootstrap(stat, *counts, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float] | None:
     """95% percentile interval of `stat(rate_1, rate_2, ...)` (CHAIR_I of each caption set as the ratio of
     summed counts) over `samples` resamples of the scenes, the same scenes for every set (paired: each set
@@ -732,6 +743,9 @@ def markdown(parts: dict, checks: list[dict], command: str) -> str:
                 "τ values: " + ", ".join(f"{k} = {v:.4f}" for k, v in p["taus"].items())
                 + f"; {p['tau_scaling']}. Rollouts: {p['rollouts']['counts'].get('images')} training scenes, "
                 f"{p['rollouts']['counts'].get('records')} sentence transitions.", ""]
+        g = greedy_on_ablation_scenes(parts)
+        if g is not None:
+            out += [f"Greedy on the same {p['n']} scenes (the methods part's captions): CHAIR_I {100 * g:.1f}%.", ""]
         out.append(md_table([(f"{r['group']}: {r['label']}", {**r["metrics"], "theta": r.get("theta")})
                              for r in p["rows"]], first="ablation",
                             extra=(("θ", lambda m: "" if m.get("theta") is None else f"{m['theta']:.3f}"),)))
@@ -800,7 +814,10 @@ def plots(parts: dict, out: str) -> list[str]:
                 ax.scatter([r["tau"]], [100 * r["metrics"]["chair_i"]], marker="x", color=f"C{i + 1}",
                            label=f"{r['variant']} reward")
                 ax.annotate(r["variant"], (r["tau"], 100 * r["metrics"]["chair_i"]), textcoords="offset points",
-                            xytext=(5, -10), fontsize=8)
+                            xytext=(5, -10 - 10 * i), fontsize=8)
+            g = greedy_on_ablation_scenes(parts)
+            if g is not None:
+                ax.axhline(100 * g, color="0.5", linestyle="--", linewidth=1, label="greedy, same scenes")
             ax.legend(fontsize=8)
             written.append(_finish_plot(fig, ax, "τ (margin of the reward the value model was trained on)",
                                         "ViMaR CHAIR_I (%)", parts["ablations"]["n"],

@@ -254,6 +254,10 @@ def test_smoke_every_part(smoke):
         assert label in md
     for c in report["acceptance"]:
         assert c["met"] in (True, False) and c["goal"] in md
+    # the ablations' greedy reference: greedy CHAIR_I on the same scenes, from the methods part's captions
+    g = claims.greedy_on_ablation_scenes(parts)
+    assert g == pytest.approx(_captions_chair(methods["results"]["greedy"]["captions"][:abl["n"]], seed)["chair_i"])
+    assert f"Greedy on the same {abl['n']} scenes (the methods part's captions): CHAIR_I {100 * g:.1f}%." in md
     for name in ("chair_vs_seconds.png", "chair_vs_tau.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
