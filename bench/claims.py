@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -239,11 +240,9 @@ class Context:
     def part_path(self, part: str) -> str:
         return os.path.join(self.out, f"{part}.json")
 
-    @property
+    @functools.cached_property
     def digest(self) -> str | None:
-        if not hasattr(self, "_digest"):
-            self._digest = models_digest(self.models)
-        return self._digest
+        return models_digest(self.models)
 
     def stamp(self) -> dict:
         return {"preset": self.cfg.preset, "recipe": _plain(self.cfg), "models": self.models,

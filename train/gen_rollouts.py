@@ -220,20 +220,19 @@ class Roller:
             if texts:
                 trajs.append((C, -1.0, True, texts, spans))
         counterfactual = self.counterfactuals(trajs, seed)
-        trajs += counterfactual
+        scored = trajs + counterfactual
         img_embed = self.clip.embed_images([image])[0]
-        all_sentences = [s for t in trajs for s in t[3]]
+        all_sentences = [s for t in scored for s in t[3]]
         deltas = reward_lib.sentence_deltas(self.clip, img_embed, all_sentences)
         hw = [int(enc["image_sizes"][0][0]), int(enc["image_sizes"][0][1])]
         records, k = [], 0
-        for traj, temp, is_gt, texts, spans in trajs:
+        for traj, temp, is_gt, texts, spans in scored:
             records += tr.trajectory_records(image=item.ref, image_hw=hw, prompt=item.prompt, group=str(item.index),
                                              traj=traj, temperature=temp, gt=is_gt, sentences=texts, spans=spans,
                                              deltas=deltas[k:k + len(texts)])
             k += len(texts)
-        counts = {"trajectories": len(trajs), "counterfactual_trajectories": len(counterfactual),
-                  "counterfactual": [t[0] for t in counterfactual],
-                  "empty_trajectories": C - sum(1 for t in trajs[:len(trajs) - len(counterfactual)] if not t[2]),
+        counts = {"trajectories": len(scored), "counterfactual": [t[0] for t in counterfactual],
+                  "empty_trajectories": C - sum(1 for t in trajs if not t[2]),
                   "budget_stops": budget, "tokens": tokens, "sentences": len(records)}
         return records, counts
 
@@ -287,8 +286,8 @@ def run_shard(roller: Roller, source: src_lib.Source, out: str, shard: int, n_sh
                                     "trajectories": list(trajs.values())})
             c = index["counts"]
             c["images"] += 1
-            for k in ("trajectories", "counterfactual_trajectories", "empty_trajectories", "budget_stops", "tokens",
-                      "sentences"):
+            c["counterfactual_trajectories"] += len(cf)
+            for k in ("trajectories", "empty_trajectories", "budget_stops", "tokens", "sentences"):
                 c[k] += counts[k]
             totals["images"] += 1
             totals["sentences"] += counts["sentences"]

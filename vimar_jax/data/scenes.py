@@ -512,11 +512,10 @@ _SHAPE_WORDS = {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}}
 _CELL_OF_PHRASE = {p: cell for cell, ps in POSITION_PHRASES.items() for p in ps}
 _PHRASE_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _CELL_OF_PHRASE), key=len, reverse=True)) + r")\b",
                         re.IGNORECASE)
-_WORD_TOKEN_RE = re.compile(r"[A-Za-z]+")
 
 
 def _same_case(new: str, old: str) -> str:
-    return new[0].upper() + new[1:] if old[:1].isupper() else new
+    return _sentence(new) if old[:1].isupper() else new
 
 
 def counterfactual_sentence(sentence: str, rng: np.random.Generator,
@@ -532,7 +531,7 @@ def counterfactual_sentence(sentence: str, rng: np.random.Generator,
     if "position" in kinds:
         spots += [("position", m.start(), m.end(), m.group(0)) for m in _PHRASE_RE.finditer(sentence)]
     taken = [(a, b) for _, a, b, _ in spots]
-    for m in _WORD_TOKEN_RE.finditer(sentence):
+    for m in WORD_RE.finditer(sentence):
         w = m.group(0).lower()
         kind = "color" if w in COLORS else "shape" if w in _SHAPE_WORDS else None
         if kind in kinds and not any(a <= m.start() < b for a, b in taken):
