@@ -362,9 +362,10 @@ def _reused(done: str, key: dict) -> dict | None:
     return info
 
 
-def train_value_model(ctx: Context, name: str, tau: float, variant: str) -> dict:
-    """A value model from policy a on the ablation rollouts with reward (τ, variant), at the recipe's
-    train_value settings (configs/tiny_value.py + ablations.value); reused when already trained."""
+def train_value_model(ctx: Context, name: str, tau: float, variant: str, state: str = "sentence") -> dict:
+    """A value model from policy a on the ablation rollouts with reward (τ, variant) and value `state`, at the
+    recipe's train_value settings (configs/tiny_value.py + ablations.value, + ablations.prefix_value for
+    prefix states); reused when already trained."""
     import ml_collections
     from train import tiny_world, train_value
 
@@ -375,14 +376,18 @@ def train_value_model(ctx: Context, name: str, tau: float, variant: str) -> dict
     c = tiny_world.value_config(cfg, ctx.models, ctx.work)
     c.data.tau = repr(float(tau))
     c.data.variant = variant
+    if state != "sentence":
+        c.value.state = state
+        tiny_world.apply_overrides(c, a.prefix_value, "ablations.prefix_value")
     key = {"config": c.to_dict(), "init": _weights_stamp(c.init)}
     if (info := _reused(done, key)) is not None:
         return info
-    _log(f"value model {name}: τ={tau:.4f} variant={variant}")
+    _log(f"value model {name}: τ={tau:.4f} variant={variant} state={state}")
     t0 = time.perf_counter()
     state, summary = train_value.train_value(c, wd)
     del state
-    info = {"name": name, "dir": os.path.join(wd, "hf"), "tau": float(tau), "variant": variant,
+    info = {"name": name, "dir": os.path.join(wd, "hf"), "tau": float(tau), "variant": variant, "state": state,
+            "packing": summary.get("data", {}).get("packing"),
             "reward": summary.get("data", {}).get("reward"), "final_eval": summary.get("final_eval"),
             "value_stats": summary.get("value_stats"), "steps": int(summary.get("train", {}).get("steps", 0) or 0),
             "wall_time_s": time.perf_counter() - t0, "key": _plain(key)}
@@ -391,9 +396,9 @@ def train_value_model(ctx: Context, name: str, tau: float, variant: str) -> dict
 
 
 def ablation_rows(ctx: Context, taus: dict[str, float], models: dict[str, dict]) -> list[dict]:
-    """The ablation rows (one ViMaR evaluation each): what varies and with which value model. Every value
-    model here is trained on sentence states (the trainer builds no other), so rows other than the state
-    group value sentence states."""
+    """The ablation rows (one ViMaR evaluation each): what varies and with which value model. The value-state
+    rows compare models trained alike (τ = P17, margin) on sentence and on prefix states, each searching with
+    its own state; the other rows value sentence states."""
     a = ctx.cfg.ablations
     base = ctx.search_config()
     shipped = ctx.model_dir("value")
@@ -407,8 +412,8 @@ def ablation_rows(ctx: Context, taus: dict[str, float], models: dict[str, dict])
                          variant=variant, value=models[f"variant_{variant}"]["dir"], state="sentence",
                          temperatures=list(base.temperatures), k=base.samples_per_temperature, stage2=base.stage2))
     for state in a.states:
-        label = state if state == "sentence" else f"{state} (sentence-trained model)"
-        rows.append(dict(group="state", label=label, value=shipped, state=state,
+        rows.append(dict(group="state", label=f"{state} states (τ=p17)", tau=taus["p17"], tau_spec="p17",
+                         variant="margin", value=models[f"state_{state}"]["dir"], state=state,
                          temperatures=list(base.temperatures), k=base.samples_per_temperature, stage2=base.stage2))
     for mode in a.stage2:
         rows.append(dict(group="stage2", label=mode, value=shipped, state="sentence",
@@ -431,6 +436,9 @@ def run_ablations(ctx: Context) -> dict:
         models[f"tau_{spec}"] = train_value_model(ctx, f"tau_{spec.replace(':', '_')}", taus[spec], "margin")
     for variant in a.variants:
         models[f"variant_{variant}"] = train_value_model(ctx, f"variant_{variant}", taus["p17"], variant)
+    for state in a.states:   # the sentence-state model is τ = p17's (same name and settings: trained once)
+        models[f"state_{state}"] = train_value_model(ctx, "tau_p17" if state == "sentence" else f"state_{state}",
+                                                     taus["p17"], "margin", state)
     rows = ablation_rows(ctx, taus, models)
     done: dict[tuple, dict] = {}
     for row in rows:
@@ -449,9 +457,9 @@ def run_ablations(ctx: Context) -> dict:
             "taus": taus, "tau_scaling": "scaled:X = X * P90(δ of the rollouts) / 0.27 (0.27 = P90 of δ for "
                                           "CLIP-L/336 on COCO, where τ = 0.16)",
             "value_models": models, "rows": rows,
-            "notes": ["The prefix-state row values (image, prompt, caption so far + sentence) states with the "
-                      "sentence-trained value model: train/train_value.py builds sentence states only, so a "
-                      "prefix-trained model is not available (it needs prefix-state support in the trainer)."]}
+            "notes": ["The value-state rows: two value models trained alike (τ = P17 of δ, margin reward, the same "
+                      "rollouts and steps per epoch) on sentence states (image + sentence) and on prefix states "
+                      "(image + prompt + caption so far + sentence), each searching with its own state."]}
 
 
 # ----------------------------------------------------------------------------------------- 3. cross-model

@@ -65,6 +65,9 @@ def _full() -> ml_collections.ConfigDict:
         gt_reward="p90",                           # as configs/tiny_world.py
         # train/train_value.py overrides of configs/tiny_value.py (configs/tiny_world.py's value section)
         value=dict(num_epochs=3, batch_size=8, eval=dict(batch_size=8)),
+        # ... and on top of them for the prefix-state model: its states grow with the caption (about 4x the
+        # tokens of sentence states on these rollouts), 1,024-token rows hold every trajectory whole
+        prefix_value=dict(data=dict(seq_len=1024)),
     ))
     c.cross_model = ml_collections.ConfigDict(dict(
         n=500,
@@ -120,6 +123,7 @@ def _smoke() -> ml_collections.ConfigDict:
     c.ablations.value = dict(total_steps=1, batch_size=2, warmup_steps=0, log_every=1, checkpoint_every=1000,
                              eval_every=0, data=dict(seq_len=512, max_states=16, val_fraction=0.34),
                              eval=dict(batch_size=2))
+    c.ablations.prefix_value = dict(data=dict(seq_len=512))
     c.cross_model.n = 2
     c.cross_model.names = ("greedy", "vimar")
     c.self_training.num_scenes = 2

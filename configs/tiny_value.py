@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.value = ml_collections.ConfigDict(dict(
         value_layer=-2,             # HF hidden_states index: the penultimate decoder layer (paper)
-        state="sentence",           # (image, one sentence) states
+        state="sentence",           # (image, one sentence) states; "prefix": (image, prompt, caption so far + sentence)
         remat="none",               # "none" | "full" | "dots"
     ))
     c.data = ml_collections.ConfigDict(dict(

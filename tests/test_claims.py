@@ -119,7 +119,8 @@ def test_full_recipe_covers_the_issue_grid(tmp_path):
     ctx = claims.Context(cfg, str(tmp_path), str(tmp_path / "out"))
     taus = {"0": 0.0, "scaled:0.16": 0.35, "p17": 0.47}
     models = {**{f"tau_{t}": {"dir": f"v_{t}"} for t in taus},
-              **{f"variant_{v}": {"dir": f"v_{v}"} for v in cfg.ablations.variants}}
+              **{f"variant_{v}": {"dir": f"v_{v}"} for v in cfg.ablations.variants},
+              "state_sentence": {"dir": "v_p17"}, "state_prefix": {"dir": "v_prefix"}}
     rows = claims.ablation_rows(ctx, taus, models)
     by_group = {}
     for r in rows:
@@ -128,10 +129,13 @@ def test_full_recipe_covers_the_issue_grid(tmp_path):
     assert {r["value"] for r in by_group["tau"] + by_group["reward"]} == {"v_0", "v_scaled:0.16", "v_p17",
                                                                           "v_zero_below", "v_clip_at_tau"}
     assert all(r["tau"] == 0.47 for r in by_group["reward"])
-    assert {r["state"] for r in by_group["state"]} == {"sentence", "prefix"}
+    # the value-state rows: models trained alike (τ = p17) on each state, each searching with its own state
+    assert [(r["state"], r["value"], r["tau"]) for r in by_group["state"]] == [("sentence", "v_p17", 0.47),
+                                                                             ("prefix", "v_prefix", 0.47)]
     assert {r["stage2"] for r in by_group["stage2"]} == {"off", "append_only", "replace_append"}
     assert sorted(len(r["temperatures"]) * r["k"] for r in by_group["nk"]) == [6, 12, 30]
-    # rows equal to the baseline (sentence states, replace-and-append, N·K = 30) share one configuration
+    # rows equal to a baseline share one configuration: τ = p17 with the sentence-state row, and the shipped
+    # model's replace-and-append with its N·K = 30
     keys = {(r["value"], r["state"], tuple(r["temperatures"]), r["k"], r["stage2"]) for r in rows}
     assert len(keys) == len(rows) - 2
     # every other row is the methods part's ViMaR setting (N·K = 30, replace-and-append)

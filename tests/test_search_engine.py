@@ -67,9 +67,10 @@ class ScriptedPolicy:
 
 class ScriptedValue:
     def __init__(self, values, default=0.0):
-        self.values, self.default, self.calls = values, default, []
+        self.values, self.default, self.calls, self.prompts = values, default, [], []
 
-    def begin(self, image):
+    def begin(self, image, prompt=None):
+        self.prompts.append(prompt)
         return image
 
     def score(self, ctx, sentences, previous=None):
@@ -120,6 +121,7 @@ def test_vimar_replaces_weak_segments_left_to_right_then_appends():
     res = Engine(policy, CFG, value=value).run(None, "p", "vimar")
     assert [s.text for s in res.sentences] == [a, b2, c, "w31.", e]
     assert [s.origin for s in res.sentences] == ["sample", "replaced", "sample", "replaced", "appended"]
+    assert value.prompts == ["p"]        # the value scorer knows the prompt (prefix states hold it)
     # Weak segments were visited in order, each conditioned on the refined prefix.
     sentence_calls = [k for k, mode in policy.calls if mode == "sentence"]
     assert sentence_calls[:2] == [a, " ".join([a, b2, c])]

@@ -169,6 +169,14 @@ def test_value_prefix_state_and_truncation(tmp_path):
     inputs = value.processor(images=[image] * 3, texts=text)
     ref = value.values(inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"], inputs["attention_mask"])
     assert max_rel_err(got, ref) <= 1e-5
+    # The value trainer's prefix states (packing.StateTemplate) are the same token sequences.
+    trained = StateTemplate(value.processor, state="prefix")
+    states = [trained.state_ids(HW[3], s, p, "What is in the image?") for s, p in zip(SENTENCES[1:4], previous)]
+    assert [x.tolist() for x in states] == [
+        value.processor.tokenizer.encode(value.processor.expand_image_tokens([t], [HW[3]])[0]) for t in text]
+    assert max_rel_err(got, [alone(value, image, x) for x in states]) <= 1e-5
+    with pytest.raises(ValueError, match="prefix states need the prompt"):
+        trained.suffix_ids(["Stars."], [[]])
 
 
 def test_theta_default_from_stored_statistics(tmp_path):

@@ -189,6 +189,67 @@ def test_td_targets_from_packed_pass_equal_hand_computed(policy_dir, packed):
     assert abs(float(loss) - np.mean(errs)) <= TOL * np.mean(errs)
 
 
+def prefix_records(prompts=((0, "Describe the image."), (0, "What is in the picture?"), (1, "Describe it."))):
+    """Transition records of tiny-world captions: one trajectory per (scene of seed 11, prompt)."""
+    from vimar_jax.data import transitions as tr
+
+    records = []
+    for t, (i, prompt) in enumerate(prompts):
+        scene = S.scene_at(11, i)
+        img = S.render(scene)
+        sents = S.caption_sentences(scene, np.random.default_rng([11, i, t]), "detail")
+        records += tr.trajectory_records(image=f"tiny:11:{i}", image_hw=[img.height, img.width], prompt=prompt,
+                                         group=str(i), traj=t, temperature=0.0, gt=False, sentences=sents,
+                                         spans=[[0, 1]] * len(sents), deltas=np.zeros(len(sents)))
+    return records
+
+
+def test_prefix_states_from_records_pack_and_value_as_run_alone(policy_dir):
+    """Prefix states (image + the record's prompt + the caption so far + the sentence): grouped by image
+    whatever the prompt, each state's tokens are the rendered conversation's, packed values equal the states
+    run alone, and V(s_{i+1}) in the TD target is the next prefix state's."""
+    from vimar_jax.decode.scorers import render_state
+
+    template = packing.StateTemplate.from_dir(policy_dir, state="prefix")
+    records = prefix_records()
+    rewards = np.random.default_rng(3).normal(size=len(records)).astype(np.float32)
+    groups = packing.groups_from_records(records, template, rewards)
+    assert [len(g.trajectories) for g in groups] == [2, 1]          # two prompts of scene 0 in one group
+    proc = template.processor
+    for g in groups:
+        for traj in g.trajectories:
+            recs = [r for r in records if r["traj"] == traj.traj]
+            texts = [r["text"] for r in recs]
+            for i, suffix in enumerate(traj.suffixes):
+                text = render_state(proc, texts[i], state="prefix", prompt=recs[0]["prompt"], previous=texts[:i])
+                want = proc.tokenizer.encode(proc.expand_image_tokens([text], [g.image_hw])[0])
+                assert np.concatenate([template.prefix_ids(g.image_hw), suffix]).tolist() == want
+    P = max(len(template.prefix_ids(g.image_hw)) for g in groups)
+    longest = max(t.num_tokens for g in groups for t in g.trajectories)
+    rows, stats, batch = build_batch(groups, template, seq_len=P + longest, max_states=16)
+    assert stats.truncated_trajectories == 0 and stats.states == len(records)
+    model = value_model(policy_dir)
+    values = np.asarray(nnx.jit(packing.packed_values)(model, batch))
+    alone = alone_values(model, template, groups, P + max(len(s) for g in groups for t in g.trajectories
+                                                          for s in t.suffixes))
+    got, want = [], []
+    for b, plan in enumerate(rows):
+        q = 0
+        for t, kept in plan.trajs:
+            got += list(values[b, q:q + kept])
+            want += list(alone[plan.group, t][:kept])
+            q += kept
+    assert len(got) == len(records) and max_rel_err(got, want) <= TOL
+    nv = np.asarray(packing.next_values(jnp.asarray(values), jnp.asarray(batch["next_slot"])))
+    plan = rows[0]
+    t0, kept = plan.trajs[0]
+    assert max_rel_err(nv[0, :kept - 1], alone[plan.group, t0][1:kept]) <= TOL
+
+    bad = [dict(r, prompt="") if r["traj"] == 2 else r for r in records]
+    with pytest.raises(ValueError, match="trajectory 2: prefix states need the record's 'prompt'"):
+        packing.groups_from_records(bad, template, rewards)
+
+
 def test_sharded_train_step_equals_one_device(policy_dir):
     """One TD train step on a packed batch on a (data=2, fsdp=2, tensor=2) mesh equals the same step on one
     device (loss, gradient norm and updated parameters)."""
@@ -334,6 +395,14 @@ def test_train_value_end_to_end(policy_dir, tmp_path, capsys):
     ema_value = load_value(str(wd_ema / "hf"))
     assert json.loads((wd_ema / "hf" / "config.json").read_text())["vimar_value"]["stats"]["count"] == len(got)
     assert ema_value.config.value_layer == -2
+
+    # Prefix states (value.state=prefix): the exported model says so and the search values prefix states.
+    wd_prefix = tmp_path / "wd_prefix"
+    assert run_train_value(wd_prefix, *common, "--config.total_steps=1", "--config.value.state=prefix",
+                           "--config.data.seq_len=768") == 0
+    vp = json.loads((wd_prefix / "hf" / "config.json").read_text())["vimar_value"]
+    assert vp["state"] == "prefix" and vp["stats"]["count"] == len(got)
+    assert load_value(str(wd_prefix / "hf")).config.state == "prefix"
 
     # A key that does not exist is an error naming it.
     capsys.readouterr()

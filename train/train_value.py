@@ -6,8 +6,10 @@
   on decoder layer `value.value_layer`) or a value directory (trained further). Full fine-tune, head only or
   a frozen vision tower through the trainer's `trainable` filter ("all", "head", "freeze:backbone.vision").
 - **Data**: the transitions of `rollouts` (train/gen_rollouts.py output), grouped BY IMAGE: each packed row
-  is one image prefix followed by the sentence-state suffixes of that image's trajectories
-  (`vimar_jax.data.packing`), static shapes `data.seq_len` x `data.max_states`. Rewards come from δ and τ
+  is one image prefix followed by the state suffixes of that image's trajectories (`vimar_jax.data.packing`),
+  static shapes `data.seq_len` x `data.max_states`. `value.state`: "sentence" (image + one sentence, the
+  paper's) or "prefix" (image + the record's prompt + the caption so far + the sentence; grouped by (image,
+  prompt); suffixes grow with the caption, so give it a longer `data.seq_len`). Rewards come from δ and τ
   (the manifest's τ, or `data.tau`). Held out: `data.val_rollouts`, else a `data.val_fraction` of the
   image groups.
 - **Loss**: semi-gradient TD(0), y_i = r_i + γ (1 − done_i) stopgrad(V(s_{i+1})), γ = `td.gamma`; V(s_{i+1}) of
@@ -92,8 +94,6 @@ def load_value_model(config, mesh) -> tuple[ValueModel, dict]:
     else:
         raise ValueError(f"{config.init}: config.json model_type {hf.get('model_type')!r} is neither a LLaVA-NeXT "
                          f"policy nor a value model")
-    if v.state != "sentence":
-        raise ValueError(f"value.state={v.state!r}: this trainer builds sentence states (image + one sentence)")
     hf = {k: val for k, val in hf.items() if k != "vimar_value"}
     return _with_remat(model, v.remat), hf
 
@@ -388,7 +388,7 @@ def train_value(config, workdir: str) -> tuple[trainer.TrainState, dict]:
     if not config.init:
         raise ValueError("config.init is required: a policy (LLaVA-NeXT) or value checkpoint directory")
     template = packing.StateTemplate(Processor.from_dir(config.init),
-                                     max_suffix_tokens=int(config.data.max_suffix_tokens))
+                                     max_suffix_tokens=int(config.data.max_suffix_tokens), state=config.value.state)
     data = load_data(config, template)
     tcfg = trainer_config(config, len(data.train_rows))
     mesh = shd.mesh_from_config(tcfg.mesh)

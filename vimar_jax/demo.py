@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nscene {i} ({scene.width}x{scene.height}): {_objects(scene)}")
         for m in methods:
             res = captions[m][i].result
-            values = tiny_eval.caption_values(engine, image, res, m)
+            values = tiny_eval.caption_values(engine, image, res, m, prompt)
             print(f"  {m} ({res.seconds:.2f} s):")
             for s, v in zip(res.sentences, values):
                 print(_sentence_line(s.text, v, s.origin))

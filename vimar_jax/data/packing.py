@@ -1,4 +1,4 @@
-"""Sentence states grouped by image and packed behind one shared image prefix (SPEC §1), for TD training.
+"""Value states grouped by image and packed behind one shared image prefix (SPEC §1), for TD training.
 
 **The state.** A sentence state (`state = "sentence"`) is the image and one sentence, rendered with the value
 model's chat template as one user turn `[image, sentence]` (no prompt, no generation prompt; the image comes
@@ -8,6 +8,11 @@ that depends only on the image size, and a **suffix** (the sentence's tokens and
 that depends only on the sentence. The value of a state is read at its last token. The inference-time value
 scorer must render states with the same `StateTemplate` (prefix prefilled once per image, suffixes valued
 against it), so that training and search see identical token sequences.
+
+A **prefix state** (`state = "prefix"`, the value-state ablation) is a user turn `[image, prompt]` and an
+assistant turn holding the caption so far and the sentence. Its prefix ends with the image tokens; its
+suffix (the prompt, the caption so far + the sentence, the end of the turn) is never cut, and a trajectory of
+n sentences costs about n²/2 sentences of tokens: give it a longer `seq_len`.
 
 **Packing.** One row of a batch is `[prefix, suffix_1, ..., suffix_m, padding]` with segment ids 0 for the
 prefix, k for suffix k and -1 for padding; positions of every suffix continue after the prefix, so each
@@ -28,6 +33,7 @@ whole trajectory, for validation); pixel_values [max_patches, 3, S, S]; image_si
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -36,36 +42,68 @@ import numpy as np
 
 from vimar_jax import image as image_lib
 
-_SLOT = "\u2063STATE\u2063"
+_SLOT = "\u2063STATE\u2063"   # stands for the state's text while the template is rendered
+STATES = ("sentence", "prefix")
 
 
-# ------------------------------------------------------------------------------------------------- states
+@functools.lru_cache(maxsize=64)
+def state_frame(processor, state: str, prompt: str = "") -> tuple[str, str]:
+    """(head, tail): a value state renders as head + text + tail with the model's chat template, the head
+    holding the one image placeholder. `state="sentence"`: one user turn `[image, text]` (the prompt is not
+    used); `state="prefix"`: a user turn `[image, prompt]` and an assistant turn holding the text."""
+    if state not in STATES:
+        raise ValueError(f"state={state!r}: expected one of {STATES}")
+    image = {"type": "image"}
+    if state == "sentence":
+        conv = [{"role": "user", "content": [image, {"type": "text", "text": _SLOT}]}]
+    else:
+        conv = [{"role": "user", "content": [image, {"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": [{"type": "text", "text": _SLOT}]}]
+    full = processor.apply_chat_template(conv, add_generation_prompt=False)
+    if full.count(_SLOT) != 1:
+        raise ValueError(f"the value model's chat template must render the state's text once, got {full!r}")
+    head, tail = full.split(_SLOT)
+    if head.count(processor.image_token) != 1 or processor.image_token in tail:
+        raise ValueError(f"the chat template must put exactly one {processor.image_token} before the state's text: "
+                         f"{full!r}")
+    return head, tail
+
+
+def state_text(sentence: str, state: str = "sentence", previous: Sequence[str] = ()) -> str:
+    """The text a state holds: the sentence, or (prefix states) the caption so far and the sentence joined by
+    spaces."""
+    if state == "sentence":
+        return sentence.strip()
+    return " ".join(t.strip() for t in [*previous, sentence] if t.strip())
+
 
 class StateTemplate:
-    """Token ids of sentence states: `prefix_ids(image_hw)` + `suffix_ids(sentence)` (see the module
-    docstring). `processor` is our `vimar_jax.processor.Processor` of the value model. Suffixes longer than
-    `max_suffix_tokens` keep their first tokens and the template's closing tokens."""
+    """Token ids of value states: `prefix_ids(image_hw)` + `suffix_ids(sentences, previous, prompt)` (see the
+    module docstring). `processor` is our `vimar_jax.processor.Processor` of the value model.
+    `state="sentence"`: the prefix is the template's head (through the image), the suffix the sentence and
+    the end of the turn; suffixes longer than `max_suffix_tokens` keep their first tokens and the template's
+    closing tokens. `state="prefix"`: the prefix ends with the image tokens, the suffix is the rest of the
+    state (prompt, assistant header, caption so far + sentence, closing tokens), never cut: the split
+    `vimar_jax.decode.scorers.ValueScorer` uses, which holds whatever way the template's text after the image
+    merges with the state's text under tokenization."""
 
-    def __init__(self, processor, *, max_suffix_tokens: int = 64):
+    def __init__(self, processor, *, max_suffix_tokens: int = 64, state: str = "sentence"):
+        if state not in STATES:
+            raise ValueError(f"state={state!r}: expected one of {STATES}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token_id = processor.image_token_id
         self.max_suffix_tokens = int(max_suffix_tokens)
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SLOT}]}
-        text = processor.apply_chat_template([user], add_generation_prompt=False)
-        if text.count(_SLOT) != 1:
-            raise ValueError(f"the value model's chat template must render the sentence once, got {text!r}")
-        self.head, self.tail = text.split(_SLOT)
-        if self.head.count(processor.image_token) != 1 or processor.image_token in self.tail:
-            raise ValueError(f"the chat template must put exactly one {processor.image_token} before the sentence: "
-                             f"{text!r}")
+        self.state = state
+        head, _ = state_frame(processor, state, "")
         bos = self.tokenizer.bos_token
         # HF's chat path: a rendered template that writes the BOS itself is tokenized without special tokens.
-        self._add_special = not (bos and self.head.startswith(bos))
-        self.head_ids = self._encode([self.head])[0]
-        empty = self._suffixes([""])[0]
-        self.num_tail = len(empty)
-        if self.max_suffix_tokens <= self.num_tail:
+        self._add_special = not (bos and head.startswith(bos))
+        head_ids = self._encode([head])[0]
+        # The shared prefix: sentence states, the whole head; prefix states, the tokens through the image.
+        self.head_ids = head_ids if state == "sentence" else head_ids[:head_ids.index(self.image_token_id) + 1]
+        self.num_tail = len(self._suffixes([""], ["Describe this image."])[0]) if state == "sentence" else 0
+        if state == "sentence" and self.max_suffix_tokens <= self.num_tail:
             raise ValueError(f"max_suffix_tokens={max_suffix_tokens} leaves no room for a sentence (the template "
                              f"closes a state with {self.num_tail} tokens)")
 
@@ -78,40 +116,53 @@ class StateTemplate:
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer.encode_batch(list(texts), add_special_tokens=self._add_special)
 
-    def _suffixes(self, sentences: Sequence[str]) -> list[list[int]]:
+    def _suffixes(self, texts: Sequence[str], prompts: Sequence[str | None]) -> list[list[int]]:
+        if self.state == "prefix":
+            for p in set(prompts):
+                if not isinstance(p, str) or not p.strip():
+                    raise ValueError(f"prefix states need the prompt the caption answered, got {p!r}")
+        frames = [state_frame(self.processor, self.state, p if self.state == "prefix" else "") for p in prompts]
         n = len(self.head_ids)
         out = []
-        for s, ids in zip(sentences, self._encode([self.head + s + self.tail for s in sentences])):
+        for text, ids in zip(texts, self._encode([h + t + tail for t, (h, tail) in zip(texts, frames)])):
             if ids[:n] != self.head_ids:
-                raise ValueError(f"tokenizing a state changes its image prefix (sentence {s[:60]!r}); the chat "
-                                 f"template must separate the image from the sentence")
+                raise ValueError(f"tokenizing a state changes its image prefix (text {text[:60]!r}); the chat "
+                                 f"template must separate the image from the state's text")
             out.append(ids[n:])
         return out
 
-    def suffix_ids(self, sentences: Sequence[str]) -> list[np.ndarray]:
-        """The suffix token ids [n_i] int32 of each sentence (truncated to `max_suffix_tokens`)."""
+    def suffix_ids(self, sentences: Sequence[str], previous: Sequence[Sequence[str]] | None = None,
+                   prompt: str | None = None) -> list[np.ndarray]:
+        """The suffix token ids [n_i] int32 of each sentence's state (prefix states: `previous[i]` is the
+        caption before sentence i, `prompt` the prompt it answered; sentence states are cut to
+        `max_suffix_tokens`)."""
         for i, s in enumerate(sentences):
             if not isinstance(s, str) or not s.strip():
                 raise ValueError(f"sentence {i} is empty: empty fragments are not states")
+        if previous is not None and len(previous) != len(sentences):
+            raise ValueError(f"previous has {len(previous)} entries for {len(sentences)} sentences")
+        prev = previous if previous is not None else [()] * len(sentences)
+        texts = [state_text(s, self.state, p) for s, p in zip(sentences, prev)]
         out = []
-        for ids in self._suffixes([s.strip() for s in sentences]):
-            if len(ids) > self.max_suffix_tokens:
+        for ids in self._suffixes(texts, [prompt] * len(texts)):
+            if self.state == "sentence" and len(ids) > self.max_suffix_tokens:
                 keep = self.max_suffix_tokens - self.num_tail
                 ids = ids[:keep] + ids[len(ids) - self.num_tail:]
             out.append(np.asarray(ids, np.int32))
         return out
 
     def prefix_ids(self, image_hw: Sequence[int]) -> np.ndarray:
-        """The prefix token ids [P] int32 of an image of size (h, w): the head with `<image>` expanded."""
+        """The prefix token ids [P] int32 of an image of size (h, w), `<image>` expanded."""
         n = self.processor.num_image_tokens(tuple(int(x) for x in image_hw))
         out = []
         for t in self.head_ids:
             out += [t] * n if t == self.image_token_id else [t]
         return np.asarray(out, np.int32)
 
-    def state_ids(self, image_hw: Sequence[int], sentence: str) -> np.ndarray:
+    def state_ids(self, image_hw: Sequence[int], sentence: str, previous: Sequence[str] = (),
+                  prompt: str | None = None) -> np.ndarray:
         """One whole state (prefix + suffix) as a plain sequence."""
-        return np.concatenate([self.prefix_ids(image_hw), self.suffix_ids([sentence])[0]])
+        return np.concatenate([self.prefix_ids(image_hw), self.suffix_ids([sentence], [previous], prompt)[0]])
 
 
 # ------------------------------------------------------------------------------------------- trajectories
@@ -156,9 +207,9 @@ class Group:
 def groups_from_records(records: Iterable[Mapping[str, Any]], template: StateTemplate, rewards: Sequence[float]
                         ) -> list[Group]:
     """Image groups from transition records in file order (`rewards[k]` is record k's reward): every
-    trajectory of an image, whatever prompt it answered (a sentence state does not hold the prompt), in one
-    group keyed by the image reference. Records of a trajectory must be consecutive with indices 0..n-1 (as
-    gen_rollouts writes them)."""
+    trajectory of an image, whatever prompt it answered (a prefix state holds its record's `prompt` in its
+    suffix), in one group keyed by the image reference. Records of a trajectory must be consecutive with
+    indices 0..n-1 (as gen_rollouts writes them)."""
     groups: dict[str, Group] = {}
     pending: dict[tuple[str, int], list] = {}
     order: list[tuple[str, int]] = []
@@ -177,13 +228,19 @@ def groups_from_records(records: Iterable[Mapping[str, Any]], template: StateTem
         if len(items) != first["num_sentences"] or not items[-1][2]["done"]:
             raise ValueError(f"group {key[0]!r} trajectory {key[1]}: {len(items)} records for "
                              f"{first['num_sentences']} sentences")
+        prompt = first.get("prompt")
+        if template.state == "prefix" and (not isinstance(prompt, str) or not prompt.strip()):
+            raise ValueError(f"group {key[0]!r} trajectory {key[1]}: prefix states need the record's 'prompt', "
+                             f"got {prompt!r}")
         g = groups.get(first["image"])
         if g is None:
             g = groups[first["image"]] = Group(first["image"], first["image"], tuple(first["image_hw"]), [])
         elif g.image_hw != tuple(first["image_hw"]):
             raise ValueError(f"image {first['image']!r} has sizes {list(g.image_hw)} and {first['image_hw']} in "
                              f"different records")
-        g.trajectories.append(Trajectory(first["traj"], template.suffix_ids([t for t, _, _ in items]),
+        texts = [t for t, _, _ in items]
+        suffixes = template.suffix_ids(texts, [texts[:i] for i in range(len(texts))], prompt)
+        g.trajectories.append(Trajectory(first["traj"], suffixes,
                                          np.asarray([r for _, r, _ in items], np.float32), bool(first["gt"])))
     return list(groups.values())
 

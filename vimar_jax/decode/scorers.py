@@ -44,45 +44,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vimar_jax.data.packing import STATES, state_frame, state_text
 from vimar_jax.decode.generate import pow2_bucket
 from vimar_jax.models.decoder import KVCache
 
 DEFAULT_PROMPT = "Describe this image in detail."
-STATES = ("sentence", "prefix")
 DEFAULT_THETA_PERCENTILE = 30
-_SLOT = "\u2063STATE\u2063"   # stands for the state's text while the template is rendered
 
 
 # ------------------------------------------------------------------------------------------ rendering
 
-@functools.lru_cache(maxsize=64)
-def _frame(processor, state: str, prompt: str) -> tuple[str, str]:
-    """(head, tail): the rendered state is head + text + tail (head holds the one image placeholder)."""
-    image = {"type": "image"}
-    if state == "sentence":
-        conv = [{"role": "user", "content": [image, {"type": "text", "text": _SLOT}]}]
-    else:
-        conv = [{"role": "user", "content": [image, {"type": "text", "text": prompt}]},
-                {"role": "assistant", "content": [{"type": "text", "text": _SLOT}]}]
-    full = processor.apply_chat_template(conv, add_generation_prompt=False)
-    if full.count(_SLOT) != 1:
-        raise ValueError(f"the value model's chat template must render the state's text once, got {full!r}")
-    head, tail = full.split(_SLOT)
-    if head.count(processor.image_token) != 1 or processor.image_token in tail:
-        raise ValueError(f"the chat template must put exactly one {processor.image_token} before the state's text: "
-                         f"{full!r}")
-    return head, tail
-
-
 def render_state(processor, sentence: str, *, state: str = "sentence", prompt: str = DEFAULT_PROMPT,
                  previous: Sequence[str] = ()) -> str:
     """The text of a value state (one image placeholder, not expanded); see the module docstring."""
-    if state not in STATES:
-        raise ValueError(f"state={state!r}: expected one of {STATES}")
-    body = sentence.strip() if state == "sentence" else " ".join(
-        t.strip() for t in [*previous, sentence] if t.strip())
-    head, tail = _frame(processor, state, prompt)
-    return head + body + tail
+    head, tail = state_frame(processor, state, prompt if state == "prefix" else "")
+    return head + state_text(sentence, state, previous) + tail
 
 
 # ------------------------------------------------------------------------------------------ value
@@ -138,7 +114,7 @@ class ValueScorer:
         limit = extra.get("max_suffix_tokens")
         self.max_suffix_tokens = None if limit is None or self.state != "sentence" else int(limit)
         if self.max_suffix_tokens is not None:
-            head, tail = _frame(self.processor, "sentence", "")
+            head, tail = state_frame(self.processor, "sentence", "")
             self._head_ids = self._encode(head)
             self._num_tail = len(self._encode(head + tail)) - len(self._head_ids)
             if self.max_suffix_tokens <= self._num_tail:
@@ -153,7 +129,7 @@ class ValueScorer:
 
     def begin(self, image, prompt: str | None = None) -> ValueContext:
         prompt = self.prompt if prompt is None else prompt
-        head, _ = _frame(self.processor, self.state, prompt)
+        head, _ = state_frame(self.processor, self.state, prompt if self.state == "prefix" else "")
         image_id = self.processor.image_token_id
         ids = self._encode(head)
         before = ids[:ids.index(image_id)]
@@ -298,7 +274,8 @@ class ClipScorer:
         self.clip = clip
         self.min_rows = int(min_rows)
 
-    def begin(self, image) -> np.ndarray:
+    def begin(self, image, prompt: str | None = None) -> np.ndarray:
+        del prompt   # a CLIP score does not depend on the prompt
         emb = np.asarray(self.clip.embed_images([image]), np.float32)
         if emb.ndim != 2 or emb.shape[0] != 1:
             raise ValueError(f"embed_images of one image returned shape {emb.shape}")

@@ -56,7 +56,8 @@ class Policy(Protocol):
 
 
 class Scorer(Protocol):
-    def begin(self, image: Any) -> Any: ...
+    def begin(self, image: Any, prompt: str | None = None) -> Any:
+        """Per-image context; `prompt` (the one the caption answers) is what prefix value states hold."""
 
     def score(self, ctx: Any, sentences: Sequence[str],
               previous: Sequence[Sequence[str]] | None = None) -> np.ndarray:
@@ -171,16 +172,16 @@ class Engine:
             res = self._greedy(pctx, counter)
         elif method == "bon":
             scorer = self._need(self.clip if self.cfg.bon_scorer == "clip" else self.value, self.cfg.bon_scorer)
-            res = self._best_of_n(pctx, scorer, scorer.begin(image), counter, "bon")
+            res = self._best_of_n(pctx, scorer, scorer.begin(image, prompt), counter, "bon")
         elif method == "clip-search":
             clip = self._need(self.clip, "CLIP")
-            res = self._step_search(pctx, clip, clip.begin(image), counter, method)
+            res = self._step_search(pctx, clip, clip.begin(image, prompt), counter, method)
         elif method == "visvm":
             value = self._need(self.value, "value")
-            res = self._step_search(pctx, value, value.begin(image), counter, method)
+            res = self._step_search(pctx, value, value.begin(image, prompt), counter, method)
         else:
             value = self._need(self.value, "value")
-            res = self._vimar(pctx, value, value.begin(image), counter)
+            res = self._vimar(pctx, value, value.begin(image, prompt), counter)
         res.seconds = time.perf_counter() - t0
         res.tokens_decoded, res.sentences_scored = counter.decoded, counter.scored
         return res

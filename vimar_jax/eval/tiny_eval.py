@@ -152,15 +152,16 @@ def format_table(results: dict, columns=TABLE_COLUMNS) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 
-def caption_values(engine: Engine, image, result, method: str) -> list[float | None]:
-    """Per-sentence value-model values of a caption by `method`, for display: the search's own scores when
-    they are values (VisVM, ViMaR, best-of-N by value), else one batched call of the engine's value model
-    (sentence states; None without a value model)."""
+def caption_values(engine: Engine, image, result, method: str, prompt: str = DEFAULT_PROMPT
+                   ) -> list[float | None]:
+    """Per-sentence value-model values of a caption by `method` (answering `prompt`), for display: the
+    search's own scores when they are values (VisVM, ViMaR, best-of-N by value), else one batched call of the
+    engine's value model in its own value state (None without a value model)."""
     scorer = EXTRA_METHODS.get(method, (method, engine.cfg.bon_scorer if method == "bon" else None))[1]
     if method in ("visvm", "vimar") or scorer == "value":
         return [s.value for s in result.sentences]
     texts = [s.text for s in result.sentences]
     if engine.value is None or not texts:
         return [None] * len(texts)
-    ctx = engine.value.begin(image)
+    ctx = engine.value.begin(image, prompt)
     return [float(v) for v in np.asarray(engine.value.score(ctx, texts, [texts[:i] for i in range(len(texts))]))]
