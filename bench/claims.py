@@ -560,33 +560,63 @@ def _metric(parts: dict, part: str, *keys):
 BOOTSTRAP_SAMPLES = 2000
 
 
-def chair_counts(part: dict | None, method: str):
-    """[n, 2] int array of (hallucinated mentions, mentions) of each held-out scene's caption of `method` in a
-    part's results (captions are of scenes 0..n-1 of the part's seed), or None when the part did not keep them."""
+def caption_chair_counts(captions: Sequence[str], seed: int):
+    """[n, 2] int array of (hallucinated mentions, mentions) of caption i of scene i of `seed`."""
     import numpy as np
 
     from vimar_jax.data import scenes as S
     from vimar_jax.eval.chair import score_caption
 
+    rows = []
+    for i, caption in enumerate(captions):
+        sc = score_caption(caption, S.scene_at(int(seed), i))
+        rows.append((len(sc.hallucinated), len(sc.mentions)))
+    return np.asarray(rows, np.int64).reshape(-1, 2)
+
+
+def chair_counts(part: dict | None, method: str):
+    """[n, 2] int array of (hallucinated mentions, mentions) of each held-out scene's caption of `method` in a
+    part's results (captions are of scenes 0..n-1 of the part's seed), or None when the part did not keep them."""
     res = (part or {}).get("results", {}).get(method)
     if not isinstance(res, dict) or not res.get("captions") or "seed" not in part:
         return None
-    rows = []
-    for i, caption in enumerate(res["captions"]):
-        sc = score_caption(caption, S.scene_at(int(part["seed"]), i))
-        rows.append((len(sc.hallucinated), len(sc.mentions)))
-    return np.asarray(rows, np.int64)
+    return caption_chair_counts(res["captions"], part["seed"])
 
 
-def greedy_on_ablation_scenes(parts: dict) -> float | None:
-    """Greedy CHAIR_I on the ablations' scenes (the first n of the methods part's captions, same seed), the
-    reference the ablation rows are read against; None when the parts do not allow it."""
+def _greedy_ablation_counts(parts: dict):
+    """Greedy's CHAIR counts on the ablations' scenes (the first n of the methods part's captions, same
+    seed), or None when the parts do not allow it."""
     abl, methods = parts.get("ablations"), parts.get("methods")
     c = chair_counts(methods, "greedy")
     if not abl or c is None or methods.get("seed") != abl.get("seed") or len(c) < int(abl["n"]):
         return None
-    c = c[:int(abl["n"])]
-    return float(c[:, 0].sum() / max(c[:, 1].sum(), 1))
+    return c[:int(abl["n"])]
+
+
+def greedy_on_ablation_scenes(parts: dict) -> float | None:
+    """Greedy CHAIR_I on the ablations' scenes, the reference the ablation rows are read against; None when
+    the parts do not allow it."""
+    c = _greedy_ablation_counts(parts)
+    return None if c is None else float(c[:, 0].sum() / max(c[:, 1].sum(), 1))
+
+
+def ablation_vs_greedy(parts: dict) -> list[dict | None]:
+    """Per ablation row: its CHAIR_I minus greedy's on the same scenes ("diff") with a paired bootstrap 95%
+    interval over the scenes ("ci95"); None for a row without captions or without the greedy reference."""
+    def rate(x):
+        return x[:, 0].sum() / max(x[:, 1].sum(), 1)
+
+    g = _greedy_ablation_counts(parts)
+    abl = parts.get("ablations") or {}
+    out = []
+    for r in abl.get("rows", ()):
+        c = caption_chair_counts(r["captions"], abl["seed"]) if r.get("captions") and g is not None else None
+        if c is None or len(c) != len(g):
+            out.append(None)
+            continue
+        ci = paired_bootstrap(lambda a, b: b - a, g, c)
+        out.append({"diff": float(rate(c) - rate(g)), "ci95": list(ci)})
+    return out
 
 
 def paired_bootstrap(stat, *counts, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float] | None:
@@ -753,9 +783,15 @@ def markdown(parts: dict, checks: list[dict], command: str) -> str:
         g = greedy_on_ablation_scenes(parts)
         if g is not None:
             out += [f"Greedy on the same {p['n']} scenes (the methods part's captions): CHAIR_I {100 * g:.1f}%.", ""]
-        out.append(md_table([(f"{r['group']}: {r['label']}", {**r["metrics"], "theta": r.get("theta")})
-                             for r in p["rows"]], first="ablation",
-                            extra=(("θ", lambda m: "" if m.get("theta") is None else f"{m['theta']:.3f}"),)))
+        vs = ablation_vs_greedy(parts)
+        extra = [("θ", lambda m: "" if m.get("theta") is None else f"{m['theta']:.3f}")]
+        if any(vs):
+            extra.append(("CHAIR_I − greedy [95% CI]", lambda m: "" if m["vs"] is None else
+                          f"{100 * m['vs']['diff']:+.1f} [{100 * m['vs']['ci95'][0]:+.1f}, "
+                          f"{100 * m['vs']['ci95'][1]:+.1f}]"))
+        out.append(md_table([(f"{r['group']}: {r['label']}", {**r["metrics"], "theta": r.get("theta"), "vs": d})
+                             for r, d in zip(p["rows"], vs or [None] * len(p["rows"]))], first="ablation",
+                            extra=extra))
         out += ["", *[f"- {n}" for n in p.get("notes", ())], "", "![CHAIR_I vs tau](chair_vs_tau.png)", ""]
     if "cross_model" in parts:
         p = parts["cross_model"]
@@ -841,7 +877,8 @@ def run_report(ctx: Context, command: str) -> dict:
         f.write(md)
     import jax
 
-    report = {"format": "vimar-claims/1", "command": command, "acceptance": checks, "parts": parts,
+    report = {"format": "vimar-claims/1", "command": command, "acceptance": checks,
+              "ablation_vs_greedy": ablation_vs_greedy(parts), "parts": parts,
               "plots": [os.path.basename(p) for p in images],
               "machine": {"python": platform.python_version(), "jax": jax.__version__,
                           "platform": platform.platform(), "cpus": os.cpu_count()}}

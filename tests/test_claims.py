@@ -262,6 +262,13 @@ def test_smoke_every_part(smoke):
     g = claims.greedy_on_ablation_scenes(parts)
     assert g == pytest.approx(_captions_chair(methods["results"]["greedy"]["captions"][:abl["n"]], seed)["chair_i"])
     assert f"Greedy on the same {abl['n']} scenes (the methods part's captions): CHAIR_I {100 * g:.1f}%." in md
+    # each ablation row against it: CHAIR_I difference (tiny_eval's figure minus greedy's) and an interval
+    vs = report["ablation_vs_greedy"]
+    assert len(vs) == len(abl["rows"])
+    for r, d in zip(abl["rows"], vs):
+        assert d["diff"] == pytest.approx(r["metrics"]["chair_i"] - g)
+        assert d["ci95"][0] <= d["diff"] + 1e-12 and d["diff"] - 1e-12 <= d["ci95"][1]
+        assert f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]" in md
     for name in ("chair_vs_seconds.png", "chair_vs_tau.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
