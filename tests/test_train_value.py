@@ -91,6 +91,18 @@ def alone_values(model, template, groups, length: int) -> dict:
     return out
 
 
+def packed_and_alone(rows, values, alone) -> tuple[list, list]:
+    """(packed values, the same states' values run alone) of every kept state, in row order."""
+    got, want = [], []
+    for b, plan in enumerate(rows):
+        q = 0
+        for t, kept in plan.trajs:
+            got += list(values[b, q:q + kept])
+            want += list(alone[plan.group, t][:kept])
+            q += kept
+    return got, want
+
+
 @pytest.fixture(scope="module")
 def packed(policy_dir):
     template = packing.StateTemplate.from_dir(policy_dir, max_suffix_tokens=24)
@@ -146,13 +158,7 @@ def test_packed_values_equal_states_run_alone(policy_dir, packed):
     """Acceptance: the value of every state of a packed batch equals that (image, sentence) state run alone
     through ValueModel."""
     template, groups, rows, _, batch, values, alone = packed
-    got, want = [], []
-    for b, plan in enumerate(rows):
-        q = 0
-        for t, kept in plan.trajs:
-            got += list(values[b, q:q + kept])
-            want += list(alone[plan.group, t][:kept])
-            q += kept
+    got, want = packed_and_alone(rows, values, alone)
     assert len(got) == int(batch["state_mask"].sum())
     assert max_rel_err(got, want) <= TOL
 
@@ -232,13 +238,7 @@ def test_prefix_states_from_records_pack_and_value_as_run_alone(policy_dir):
     values = np.asarray(nnx.jit(packing.packed_values)(model, batch))
     alone = alone_values(model, template, groups, P + max(len(s) for g in groups for t in g.trajectories
                                                           for s in t.suffixes))
-    got, want = [], []
-    for b, plan in enumerate(rows):
-        q = 0
-        for t, kept in plan.trajs:
-            got += list(values[b, q:q + kept])
-            want += list(alone[plan.group, t][:kept])
-            q += kept
+    got, want = packed_and_alone(rows, values, alone)
     assert len(got) == len(records) and max_rel_err(got, want) <= TOL
     nv = np.asarray(packing.next_values(jnp.asarray(values), jnp.asarray(batch["next_slot"])))
     plan = rows[0]
