@@ -384,8 +384,8 @@ def train_value_model(ctx: Context, name: str, tau: float, variant: str, state: 
         return info
     _log(f"value model {name}: τ={tau:.4f} variant={variant} state={state}")
     t0 = time.perf_counter()
-    state, summary = train_value.train_value(c, wd)
-    del state
+    trained, summary = train_value.train_value(c, wd)
+    del trained
     info = {"name": name, "dir": os.path.join(wd, "hf"), "tau": float(tau), "variant": variant, "state": state,
             "packing": summary.get("data", {}).get("packing"),
             "reward": summary.get("data", {}).get("reward"), "final_eval": summary.get("final_eval"),
@@ -458,8 +458,8 @@ def run_ablations(ctx: Context) -> dict:
                                           "CLIP-L/336 on COCO, where τ = 0.16)",
             "value_models": models, "rows": rows,
             "notes": ["The value-state rows: two value models trained alike (τ = P17 of δ, margin reward, the same "
-                      "rollouts and steps per epoch) on sentence states (image + sentence) and on prefix states "
-                      "(image + prompt + caption so far + sentence), each searching with its own state."]}
+                      "rollouts, the same number of epochs) on sentence states (image + sentence) and on prefix "
+                      "states (image + prompt + caption so far + sentence), each searching with its own state."]}
 
 
 # ----------------------------------------------------------------------------------------- 3. cross-model
