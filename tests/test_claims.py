@@ -219,20 +219,26 @@ def test_smoke_every_part(smoke):
 
     abl = parts["ablations"]
     trained = {k: v for k, v in abl["value_models"].items()}
-    assert set(trained) == {"tau_p17", "variant_zero_below"}
-    assert len({v["dir"] for v in trained.values()}) == 2
+    assert set(trained) == {"tau_p17", "variant_zero_below", "state_sentence", "state_prefix"}
+    # the sentence-state model is τ = p17's (trained once); the prefix-state one is its own
+    assert trained["state_sentence"]["dir"] == trained["tau_p17"]["dir"]
+    assert len({v["dir"] for v in trained.values()}) == 3
     for v in trained.values():   # each model was trained on the re-rewarded rollouts with its own reward
         assert v["reward"]["tau"] == pytest.approx(v["tau"]) and v["reward"]["variant"] == v["variant"]
-        assert (Path(v["dir"]) / "config.json").is_file()
+        vv = json.loads((Path(v["dir"]) / "config.json").read_text())["vimar_value"]
+        assert vv["state"] == v["state"]
+    assert trained["state_prefix"]["state"] == "prefix" and trained["state_prefix"]["packing"]["train"]["states"] > 0
     deltas = claims.rollout_deltas(str(out / "work" / "rollouts"))
     assert abl["taus"]["p17"] == pytest.approx(np.percentile(deltas, 17))
     groups = [r["group"] for r in abl["rows"]]
     assert groups.count("tau") == 1 and groups.count("reward") == 1 and groups.count("state") == 2
     for row in abl["rows"]:
         _same_as_tiny_eval(row, seed)
-    # the baseline configuration shared by the state, stage 2 and N·K groups is evaluated once
+    # configurations shared between groups are evaluated once: τ = p17 with the sentence-state row
     by = {(r["group"], r["label"]): r for r in abl["rows"]}
-    assert by[("state", "sentence")]["captions"] == by[("stage2", "replace_append")]["captions"]
+    tau_row = next(r for r in abl["rows"] if r["group"] == "tau")
+    assert by[("state", "sentence states (τ=p17)")]["captions"] == tau_row["captions"]
+    assert by[("state", "prefix states (τ=p17)")]["value"] == trained["state_prefix"]["dir"]
 
     cross = parts["cross_model"]
     assert cross["policy"].endswith("policy_b")
