@@ -8,8 +8,8 @@
 - **Data**: the transitions of `rollouts` (train/gen_rollouts.py output), grouped BY IMAGE: each packed row
   is one image prefix followed by the state suffixes of that image's trajectories (`vimar_jax.data.packing`),
   static shapes `data.seq_len` x `data.max_states`. `value.state`: "sentence" (image + one sentence, the
-  paper's) or "prefix" (image + the record's prompt + the caption so far + the sentence; grouped by (image,
-  prompt); suffixes grow with the caption, so give it a longer `data.seq_len`). Rewards come from δ and τ
+  paper's) or "prefix" (image + the record's prompt + the caption so far + the sentence, as the search's
+  `ValueScorer` renders it; suffixes grow with the caption, so give it a longer `data.seq_len`). Rewards come from δ and τ
   (the manifest's τ, or `data.tau`). Held out: `data.val_rollouts`, else a `data.val_fraction` of the
   image groups.
 - **Loss**: semi-gradient TD(0), y_i = r_i + γ (1 − done_i) stopgrad(V(s_{i+1})), γ = `td.gamma`; V(s_{i+1}) of
