@@ -760,7 +760,8 @@ def md_table(rows: list[tuple[str, dict]], first: str = "method", extra: Sequenc
     return "\n".join(lines)
 
 
-def markdown(parts: dict, checks: list[dict], command: str) -> str:
+def markdown(parts: dict, checks: list[dict], command: str, vs_greedy: list | None = None) -> str:
+    """claims.md; `vs_greedy`: `ablation_vs_greedy(parts)` when the caller has it already."""
     cfg = next((p for p in parts.values() if isinstance(p, dict) and "recipe" in p), {})
     seed = cfg.get("recipe", {}).get("seed")
     commands = list(dict.fromkeys([p["command"] for p in parts.values() if p.get("command")] + [command]))
@@ -783,7 +784,7 @@ def markdown(parts: dict, checks: list[dict], command: str) -> str:
         g = greedy_on_ablation_scenes(parts)
         if g is not None:
             out += [f"Greedy on the same {p['n']} scenes (the methods part's captions): CHAIR_I {100 * g:.1f}%.", ""]
-        vs = ablation_vs_greedy(parts)
+        vs = ablation_vs_greedy(parts) if vs_greedy is None else vs_greedy
         extra = [("θ", lambda m: "" if m.get("theta") is None else f"{m['theta']:.3f}")]
         if any(vs):
             extra.append(("CHAIR_I − greedy [95% CI]", lambda m: "" if m["vs"] is None else
@@ -872,13 +873,14 @@ def run_report(ctx: Context, command: str) -> dict:
     parts = {p: d for p in PARTS[:-1] if (d := ctx.load_part(p)) is not None}
     checks = acceptance(parts)
     images = plots(parts, ctx.out)
-    md = markdown(parts, checks, command)
+    vs_greedy = ablation_vs_greedy(parts)
+    md = markdown(parts, checks, command, vs_greedy)
     with open(os.path.join(ctx.out, "claims.md"), "w", encoding="utf-8") as f:
         f.write(md)
     import jax
 
     report = {"format": "vimar-claims/1", "command": command, "acceptance": checks,
-              "ablation_vs_greedy": ablation_vs_greedy(parts), "parts": parts,
+              "ablation_vs_greedy": vs_greedy, "parts": parts,
               "plots": [os.path.basename(p) for p in images],
               "machine": {"python": platform.python_version(), "jax": jax.__version__,
                           "platform": platform.platform(), "cpus": os.cpu_count()}}

@@ -63,8 +63,7 @@ class Template:
     def __init__(self, image_config):
         self.image_config = image_config
 
-    def prefix_ids(self, hw, prompt=None) -> np.ndarray:
-        del prompt   # sentence states: the prefix is the image's
+    def prefix_ids(self, hw) -> np.ndarray:
         n = self.image_config.num_image_tokens(hw)
         return np.asarray(HEAD + [IMAGE_TOKEN] * n + AFTER_IMAGE, np.int32)
 

@@ -46,13 +46,17 @@ _SLOT = "\u2063STATE\u2063"   # stands for the state's text while the template i
 STATES = ("sentence", "prefix")
 
 
-@functools.lru_cache(maxsize=64)
-def state_frame(processor, state: str, prompt: str = "") -> tuple[str, str]:
+def state_frame(processor, state: str, prompt: str | None = "") -> tuple[str, str]:
     """(head, tail): a value state renders as head + text + tail with the model's chat template, the head
     holding the one image placeholder. `state="sentence"`: one user turn `[image, text]` (the prompt is not
     used); `state="prefix"`: a user turn `[image, prompt]` and an assistant turn holding the text."""
     if state not in STATES:
         raise ValueError(f"state={state!r}: expected one of {STATES}")
+    return _frame(processor, state, prompt if state == "prefix" else "")
+
+
+@functools.lru_cache(maxsize=64)
+def _frame(processor, state: str, prompt: str) -> tuple[str, str]:
     image = {"type": "image"}
     if state == "sentence":
         conv = [{"role": "user", "content": [image, {"type": "text", "text": _SLOT}]}]
@@ -102,7 +106,7 @@ class StateTemplate:
         head_ids = self._encode([head])[0]
         # The shared prefix: sentence states, the whole head; prefix states, the tokens through the image.
         self.head_ids = head_ids if state == "sentence" else head_ids[:head_ids.index(self.image_token_id) + 1]
-        self.num_tail = len(self._suffixes([""], ["Describe this image."])[0]) if state == "sentence" else 0
+        self.num_tail = len(self._suffixes([""], None)[0]) if state == "sentence" else 0
         if state == "sentence" and self.max_suffix_tokens <= self.num_tail:
             raise ValueError(f"max_suffix_tokens={max_suffix_tokens} leaves no room for a sentence (the template "
                              f"closes a state with {self.num_tail} tokens)")
@@ -116,15 +120,13 @@ class StateTemplate:
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer.encode_batch(list(texts), add_special_tokens=self._add_special)
 
-    def _suffixes(self, texts: Sequence[str], prompts: Sequence[str | None]) -> list[list[int]]:
-        if self.state == "prefix":
-            for p in set(prompts):
-                if not isinstance(p, str) or not p.strip():
-                    raise ValueError(f"prefix states need the prompt the caption answered, got {p!r}")
-        frames = [state_frame(self.processor, self.state, p if self.state == "prefix" else "") for p in prompts]
+    def _suffixes(self, texts: Sequence[str], prompt: str | None) -> list[list[int]]:
+        if self.state == "prefix" and (not isinstance(prompt, str) or not prompt.strip()):
+            raise ValueError(f"prefix states need the prompt the caption answered, got {prompt!r}")
+        head, tail = state_frame(self.processor, self.state, prompt)
         n = len(self.head_ids)
         out = []
-        for text, ids in zip(texts, self._encode([h + t + tail for t, (h, tail) in zip(texts, frames)])):
+        for text, ids in zip(texts, self._encode([head + t + tail for t in texts])):
             if ids[:n] != self.head_ids:
                 raise ValueError(f"tokenizing a state changes its image prefix (text {text[:60]!r}); the chat "
                                  f"template must separate the image from the state's text")
@@ -144,7 +146,7 @@ class StateTemplate:
         prev = previous if previous is not None else [()] * len(sentences)
         texts = [state_text(s, self.state, p) for s, p in zip(sentences, prev)]
         out = []
-        for ids in self._suffixes(texts, [prompt] * len(texts)):
+        for ids in self._suffixes(texts, prompt):
             if self.state == "sentence" and len(ids) > self.max_suffix_tokens:
                 keep = self.max_suffix_tokens - self.num_tail
                 ids = ids[:keep] + ids[len(ids) - self.num_tail:]

@@ -57,7 +57,7 @@ DEFAULT_THETA_PERCENTILE = 30
 def render_state(processor, sentence: str, *, state: str = "sentence", prompt: str = DEFAULT_PROMPT,
                  previous: Sequence[str] = ()) -> str:
     """The text of a value state (one image placeholder, not expanded); see the module docstring."""
-    head, tail = state_frame(processor, state, prompt if state == "prefix" else "")
+    head, tail = state_frame(processor, state, prompt)
     return head + state_text(sentence, state, previous) + tail
 
 
@@ -129,7 +129,7 @@ class ValueScorer:
 
     def begin(self, image, prompt: str | None = None) -> ValueContext:
         prompt = self.prompt if prompt is None else prompt
-        head, _ = state_frame(self.processor, self.state, prompt if self.state == "prefix" else "")
+        head, _ = state_frame(self.processor, self.state, prompt)
         image_id = self.processor.image_token_id
         ids = self._encode(head)
         before = ids[:ids.index(image_id)]

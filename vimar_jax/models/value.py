@@ -25,10 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vimar_jax.convert import spec
+from vimar_jax.data.packing import STATES
 from vimar_jax.models.decoder import KVCache
 from vimar_jax.models.llava_next import F32, LlavaNext, LlavaNextConfig, checked_layout, llava_next_rules
-
-STATES = ("sentence", "prefix")
 
 
 @dataclasses.dataclass(frozen=True)
