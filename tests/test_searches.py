@@ -177,6 +177,10 @@ def test_value_prefix_state_and_truncation(tmp_path):
     assert max_rel_err(got, [alone(value, image, x) for x in states]) <= 1e-5
     with pytest.raises(ValueError, match="prefix states need the prompt"):
         trained.suffix_ids(["Stars."], [[]])
+    # A stored cut that leaves no room for a sentence is an error naming the checkpoint's key.
+    make_value_dir(tmp_path, text="mistral", max_suffix_tokens=template.num_tail)
+    with pytest.raises(ValueError, match=r"config\.json: vimar_value\.max_suffix_tokens=\d+ leaves no room"):
+        ValueScorer(load_value(tmp_path))
 
 
 def test_theta_default_from_stored_statistics(tmp_path):

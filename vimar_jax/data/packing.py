@@ -147,11 +147,19 @@ class StateTemplate:
         texts = [state_text(s, self.state, p) for s, p in zip(sentences, prev)]
         out = []
         for ids in self._suffixes(texts, prompt):
-            if self.state == "sentence" and len(ids) > self.max_suffix_tokens:
-                keep = self.max_suffix_tokens - self.num_tail
-                ids = ids[:keep] + ids[len(ids) - self.num_tail:]
+            if self.state == "sentence":
+                ids = self.cut(ids)
             out.append(np.asarray(ids, np.int32))
         return out
+
+    def cut(self, body: Sequence[int]) -> list[int]:
+        """A sentence state's tokens after the template head (the sentence and the closing tokens), cut to
+        `max_suffix_tokens`: its first tokens and the template's closing ones."""
+        body = list(body)
+        if len(body) <= self.max_suffix_tokens:
+            return body
+        keep = self.max_suffix_tokens - self.num_tail
+        return body[:keep] + body[len(body) - self.num_tail:]
 
     def prefix_ids(self, image_hw: Sequence[int]) -> np.ndarray:
         """The prefix token ids [P] int32 of an image of size (h, w), `<image>` expanded."""

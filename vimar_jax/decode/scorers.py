@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vimar_jax.data.packing import STATES, state_frame, state_text
+from vimar_jax.data.packing import STATES, StateTemplate, state_frame, state_text
 from vimar_jax.decode.generate import pow2_bucket
 from vimar_jax.models.decoder import KVCache
 
@@ -113,12 +113,13 @@ class ValueScorer:
         extra = getattr(value.config, "extra", {}) or {}
         limit = extra.get("max_suffix_tokens")
         self.max_suffix_tokens = None if limit is None or self.state != "sentence" else int(limit)
+        # Sentence states are cut as training cut them: the trainer's StateTemplate says where and how.
+        self._cutter = None
         if self.max_suffix_tokens is not None:
-            head, tail = state_frame(self.processor, "sentence", "")
-            self._head_ids = self._encode(head)
-            self._num_tail = len(self._encode(head + tail)) - len(self._head_ids)
-            if self.max_suffix_tokens <= self._num_tail:
-                raise ValueError(f"vimar_value.max_suffix_tokens={limit} leaves no room for a sentence")
+            try:
+                self._cutter = StateTemplate(self.processor, max_suffix_tokens=self.max_suffix_tokens)
+            except ValueError as e:
+                raise ValueError(f"{value.path}/config.json: vimar_value.{e}") from None
         self.min_rows, self.min_width = int(min_rows), int(min_width)
         self.graphdef, self.params = nnx.split(value.module)
         self.shapes: dict[str, set] = {"prefill": set(), "score": set()}
@@ -170,15 +171,11 @@ class ValueScorer:
     def _truncate(self, ids: list[int], i: int) -> list[int]:
         """The tokens after the image; a sentence state's part after the template head keeps at most
         `max_suffix_tokens` (its first tokens and the closing ones), as `packing.StateTemplate` does."""
-        rest = ids[i + 1:]
-        if self.max_suffix_tokens is None:
-            return rest
-        n = len(self._head_ids) if ids[:len(self._head_ids)] == self._head_ids else i + 1
-        body = ids[n:]
-        if len(body) <= self.max_suffix_tokens:
-            return rest
-        keep = self.max_suffix_tokens - self._num_tail
-        return ids[i + 1:n] + body[:keep] + body[len(body) - self._num_tail:]
+        if self._cutter is None:
+            return ids[i + 1:]
+        head = self._cutter.head_ids
+        n = len(head) if ids[:len(head)] == head else i + 1
+        return ids[i + 1:n] + self._cutter.cut(ids[n:])
 
     def score(self, ctx: ValueContext, sentences: Sequence[str],
               previous: Sequence[Sequence[str]] | None = None) -> np.ndarray:
