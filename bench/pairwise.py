@@ -6,7 +6,9 @@ For each scene of the stream `seed` (default 100, the validation scenes), every 
 scored against one false sentence of each kind (wrong colour, wrong shape, absent shape, wrong position;
 `vimar_jax.data.scenes.false_object`) worded the same way (`minimal_pairs`), by the value model (image +
 sentence state) and by CLIP (δ). Prints the fraction of (true, false) pairs each scorer orders correctly
-(0.5 = chance). A value model that guides
+(0.5 = chance), and in a last column, `shape only`, the pairs of every kind whose false sentence names a shape
+the scene lacks in a colour the scene has: only reading shapes orders those (colour existence and cell
+occupancy do not), and a mentioned shape the scene lacks is what CHAIR_I counts. A value model that guides
 search away from hallucination must order them; CLIP's row is what its reward could teach. With `--policy`,
 a third row scores each sentence by the policy's own log-likelihood of it as the whole answer to the detail
 prompt (teacher-forced): whether the policy, from which the value model starts, reads the image at all.
@@ -22,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository: vimar_jax, bench
 
 KINDS = ("color", "shape", "absent", "position")
+SHAPE_ONLY = "shape only"
 
 
 def minimal_pairs(scene, scene_index: int, seed: int) -> tuple[list[str], dict[str, list[str]]]:
@@ -31,33 +34,52 @@ def minimal_pairs(scene, scene_index: int, seed: int) -> tuple[list[str], dict[s
     shape, shape and colour for an absent shape, position). A scorer cannot win on template or length."""
     from vimar_jax.data import scenes as S
 
+    objects, wrong = minimal_pair_objects(scene, scene_index, seed)
     trues, falses = [], {k: [] for k in KINDS}
-    for j, obj in enumerate(scene.objects):
+    for j, obj in enumerate(objects):
         key = [seed, scene_index, j]
         trues.append(S.object_sentence(obj, np.random.default_rng(key)))
-        for n, k in enumerate(KINDS):
-            wrong = S.false_object(scene, np.random.default_rng(key + [n]), k, obj=obj)
-            falses[k].append(S.object_sentence(wrong, np.random.default_rng(key)))
+        for k in KINDS:
+            falses[k].append(S.object_sentence(wrong[k][j], np.random.default_rng(key)))
     return trues, falses
 
 
-def pairwise(scorers: dict, n: int, seed: int) -> dict:
-    """{scorer: {kind: accuracy, "pairs": count}} over scenes 0..n-1 of `seed` (minimal pairs, one per object
-    and kind; a tie is not a win)."""
+def minimal_pair_objects(scene, scene_index: int, seed: int) -> tuple[list, dict[str, list]]:
+    """(the scene's objects, {kind: each object altered by that kind}): what `minimal_pairs` describes."""
     from vimar_jax.data import scenes as S
 
-    wins = {name: {k: [] for k in KINDS} for name in scorers}
+    wrong = {k: [S.false_object(scene, np.random.default_rng([seed, scene_index, j, n]), k, obj=obj)
+                 for j, obj in enumerate(scene.objects)] for n, k in enumerate(KINDS)}
+    return list(scene.objects), wrong
+
+
+def shape_only(scene, wrong: dict[str, list]) -> dict[str, list[bool]]:
+    """{kind: per object, whether its false object has a shape the scene lacks in a colour the scene has}."""
+    colors, shapes = {o.color for o in scene.objects}, {o.shape for o in scene.objects}
+    return {k: [w.shape not in shapes and w.color in colors for w in ws] for k, ws in wrong.items()}
+
+
+def pairwise(scorers: dict, n: int, seed: int) -> dict:
+    """{scorer: {kind: accuracy, SHAPE_ONLY: accuracy, "pairs": count per kind, "shape_only_pairs": count}}
+    over scenes 0..n-1 of `seed` (minimal pairs, one per object and kind; a tie is not a win)."""
+    from vimar_jax.data import scenes as S
+
+    wins = {name: {k: [] for k in (*KINDS, SHAPE_ONLY)} for name in scorers}
     for i in range(n):
         scene = S.scene_at(seed, i)
         image = S.render(scene)
         trues, falses = minimal_pairs(scene, i, seed)
+        only = shape_only(scene, minimal_pair_objects(scene, i, seed)[1])
         texts = trues + [f for k in KINDS for f in falses[k]]
         m = len(trues)
         for name, scorer in scorers.items():
             s = np.asarray(scorer.score(scorer.begin(image), texts))
             for j, k in enumerate(KINDS):
-                wins[name][k] += list(s[:m] > s[m * (j + 1):m * (j + 2)])
-    return {name: {**{k: float(np.mean(v)) for k, v in w.items()}, "pairs": len(w[KINDS[0]])}
+                won = list(s[:m] > s[m * (j + 1):m * (j + 2)])
+                wins[name][k] += won
+                wins[name][SHAPE_ONLY] += [w for w, o in zip(won, only[k]) if o]
+    return {name: {**{k: float(np.mean(v)) if v else float("nan") for k, v in w.items()},
+                   "pairs": len(w[KINDS[0]]), "shape_only_pairs": len(w[SHAPE_ONLY])}
             for name, w in wins.items()}
 
 
@@ -126,11 +148,13 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"models": args.models, "seed": args.seed, "n": args.n, "accuracy": out}))
         return 0
-    print(f"true above false, {args.n} scenes of seed {args.seed} ({out['value']['pairs']} pairs per kind)")
-    print("| scorer | " + " | ".join(KINDS) + " |")
-    print("|---|" + "---:|" * len(KINDS))
+    print(f"true above false, {args.n} scenes of seed {args.seed} ({out['value']['pairs']} pairs per kind, "
+          f"{out['value']['shape_only_pairs']} of them {SHAPE_ONLY})")
+    cols = (*KINDS, SHAPE_ONLY)
+    print("| scorer | " + " | ".join(cols) + " |")
+    print("|---|" + "---:|" * len(cols))
     for name, acc in out.items():
-        print(f"| {name} | " + " | ".join(f"{acc[k]:.3f}" for k in KINDS) + " |")
+        print(f"| {name} | " + " | ".join(f"{acc[k]:.3f}" for k in cols) + " |")
     return 0
 
 

@@ -120,7 +120,18 @@ def test_pairwise_counts_true_above_false(capsys):
     oracle.scenes = {S.render(S.scene_at(100, i)).tobytes(): S.scene_at(100, i) for i in range(4)}
     out = P.pairwise({"oracle": oracle, "constant": Constant()}, 4, 100)
     assert out["oracle"]["pairs"] == sum(len(S.scene_at(100, i).objects) for i in range(4))
-    assert all(out["oracle"][k] == 1.0 for k in P.KINDS)
-    assert all(out["constant"][k] == 0.0 for k in P.KINDS)
+    assert all(out["oracle"][k] == 1.0 for k in (*P.KINDS, P.SHAPE_ONLY))
+    assert all(out["constant"][k] == 0.0 for k in (*P.KINDS, P.SHAPE_ONLY))
+    # "shape only": the false sentences (read back by the CHAIR parser) naming a shape the scene lacks in a
+    # colour it has.
+    only = 0
+    for i in range(4):
+        scene = S.scene_at(100, i)
+        shapes, colors = {o.shape for o in scene.objects}, {o.color for o in scene.objects}
+        for k, texts in P.minimal_pairs(scene, i, 100)[1].items():
+            for t in texts:
+                (m,) = parse_mentions(t)
+                only += m.shape not in shapes and m.color in colors
+    assert out["oracle"]["shape_only_pairs"] == only > 0
     assert P.main(["--models", "/nonexistent-models"]) == 2
     assert "/nonexistent-models has no value/config.json" in capsys.readouterr().err
