@@ -135,3 +135,21 @@ def test_pairwise_counts_true_above_false(capsys):
     assert out["oracle"]["shape_only_pairs"] == only > 0
     assert P.main(["--models", "/nonexistent-models"]) == 2
     assert "/nonexistent-models has no value/config.json" in capsys.readouterr().err
+
+
+def test_cell_probe_reads_colours_from_each_objects_cell(capsys):
+    """bench/cell_probe.py on the shipped policy: the patch it takes for each object is that object's cell
+    (a colour is named from it on held-out scenes, which another cell's patch could not do); a missing policy
+    directory is a clear error."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import json
+
+    import cell_probe as C
+
+    assert C.main(["--train", "40", "--val", "15", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["objects"]["val"] > 30
+    assert out["vision"]["color"] >= 0.95 and out["projected"]["color"] >= 0.95
+    assert out["vision"]["shape"] > 0.25          # above chance (1/8), as measured on 300 scenes: 0.63
+    assert C.main(["--policy", "/nonexistent-policy"]) == 2
+    assert "/nonexistent-policy has no config.json" in capsys.readouterr().err
