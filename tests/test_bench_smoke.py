@@ -153,3 +153,34 @@ def test_cell_probe_reads_colours_from_each_objects_cell(capsys):
     assert out["vision"]["shape"] > 0.25          # above chance (1/8), as measured on 300 scenes: 0.63
     assert C.main(["--policy", "/nonexistent-policy"]) == 2
     assert "/nonexistent-policy has no config.json" in capsys.readouterr().err
+
+
+def test_pair_states_write_each_pair_as_a_labelled_terminal_state(tmp_path, capsys):
+    """bench/pair_states.py: every object's true sentence (δ 1) and its false ones (δ 0) of the training scenes,
+    each a one-sentence trajectory of its scene's group; an existing output, a held-out seed and a missing CLIP
+    directory are clear errors."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import pair_states
+    import pairwise as P
+
+    from vimar_jax.data import scenes as S
+    from vimar_jax.data import transitions as tr
+
+    out = tmp_path / "pairs"
+    assert pair_states.main(["--out", str(out), "--scenes", "3"]) == 0
+    records = [r for path in tr.shard_paths(str(out)) for r in tr.read_shard(path)]
+    want = []
+    for i in range(3):
+        trues, falses = P.minimal_pairs(S.scene_at(2, i), i, 2)
+        want += [(str(i), t, 1.0) for t in trues] + [(str(i), f, 0.0) for k in P.KINDS for f in falses[k]]
+    assert [(r["group"], r["text"], r["delta"]) for r in records] == want
+    assert all(r["done"] for r in records) and len({r["traj"] for r in records}) == len(records)
+    assert tr.read_manifest(str(out))["counts"]["records"] == len(want)
+    capsys.readouterr()
+    assert pair_states.main(["--out", str(out), "--scenes", "3"]) == 2
+    assert "already holds transitions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pair_states.main(["--out", str(tmp_path / "x"), "--seed", "100"])
+    assert "validation or held-out" in capsys.readouterr().err
+    assert pair_states.main(["--out", str(tmp_path / "y"), "--clip", "/nonexistent-clip"]) == 2
+    assert "/nonexistent-clip has no config.json" in capsys.readouterr().err
