@@ -18,8 +18,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repository: vimar_jax, bench
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train"))
 
@@ -35,8 +33,8 @@ def write_pair_states(out: str, scenes: int, seed: int = 2, clip=None, progress:
     from vimar_jax.data import sources
     from vimar_jax.data import transitions as tr
 
-    if os.path.exists(os.path.join(out, "manifest.json")):
-        raise FileExistsError(f"{out} already holds transitions (manifest.json): choose another --out")
+    if os.path.exists(os.path.join(out, tr.MANIFEST)):
+        raise FileExistsError(f"{out} already holds transitions ({tr.MANIFEST}): choose another --out")
     os.makedirs(out, exist_ok=True)
     source = sources.tiny_source(seed, scenes)
     writer = tr.ShardWriter(out, 0, 1)

@@ -27,16 +27,18 @@ KINDS = ("color", "shape", "absent", "position")
 SHAPE_ONLY = "shape only"
 
 
-def minimal_pairs(scene, scene_index: int, seed: int) -> tuple[list[str], dict[str, list[str]]]:
+def minimal_pairs(scene, scene_index: int, seed: int, wrong: dict[str, list] | None = None
+                  ) -> tuple[list[str], dict[str, list[str]]]:
     """(true sentences, {kind: false sentences}) of one scene: for each object, its true sentence and, per
     kind of error, the sentence of `scenes.false_object` of that object drawn with an equally seeded
     generator, so that each pair has the same template and phrasing and differs in one attribute (colour,
-    shape, shape and colour for an absent shape, position). A scorer cannot win on template or length."""
+    shape, shape and colour for an absent shape, position). A scorer cannot win on template or length.
+    `wrong`: the false objects, when the caller already has them (`false_objects`)."""
     from vimar_jax.data import scenes as S
 
-    objects, wrong = minimal_pair_objects(scene, scene_index, seed)
+    wrong = false_objects(scene, scene_index, seed) if wrong is None else wrong
     trues, falses = [], {k: [] for k in KINDS}
-    for j, obj in enumerate(objects):
+    for j, obj in enumerate(scene.objects):
         key = [seed, scene_index, j]
         trues.append(S.object_sentence(obj, np.random.default_rng(key)))
         for k in KINDS:
@@ -44,13 +46,12 @@ def minimal_pairs(scene, scene_index: int, seed: int) -> tuple[list[str], dict[s
     return trues, falses
 
 
-def minimal_pair_objects(scene, scene_index: int, seed: int) -> tuple[list, dict[str, list]]:
-    """(the scene's objects, {kind: each object altered by that kind}): what `minimal_pairs` describes."""
+def false_objects(scene, scene_index: int, seed: int) -> dict[str, list]:
+    """{kind: each object of the scene altered by that kind}: the false objects `minimal_pairs` describes."""
     from vimar_jax.data import scenes as S
 
-    wrong = {k: [S.false_object(scene, np.random.default_rng([seed, scene_index, j, n]), k, obj=obj)
-                 for j, obj in enumerate(scene.objects)] for n, k in enumerate(KINDS)}
-    return list(scene.objects), wrong
+    return {k: [S.false_object(scene, np.random.default_rng([seed, scene_index, j, n]), k, obj=obj)
+                for j, obj in enumerate(scene.objects)] for n, k in enumerate(KINDS)}
 
 
 def shape_only(scene, wrong: dict[str, list]) -> dict[str, list[bool]]:
@@ -68,8 +69,9 @@ def pairwise(scorers: dict, n: int, seed: int) -> dict:
     for i in range(n):
         scene = S.scene_at(seed, i)
         image = S.render(scene)
-        trues, falses = minimal_pairs(scene, i, seed)
-        only = shape_only(scene, minimal_pair_objects(scene, i, seed)[1])
+        wrong = false_objects(scene, i, seed)
+        trues, falses = minimal_pairs(scene, i, seed, wrong)
+        only = shape_only(scene, wrong)
         texts = trues + [f for k in KINDS for f in falses[k]]
         m = len(trues)
         for name, scorer in scorers.items():

@@ -112,12 +112,11 @@ class ValueScorer:
         self.prompt = prompt
         extra = getattr(value.config, "extra", {}) or {}
         limit = extra.get("max_suffix_tokens")
-        self.max_suffix_tokens = None if limit is None or self.state != "sentence" else int(limit)
         # Sentence states are cut as training cut them: the trainer's StateTemplate says where and how.
         self._cutter = None
-        if self.max_suffix_tokens is not None:
+        if limit is not None and self.state == "sentence":
             try:
-                self._cutter = StateTemplate(self.processor, max_suffix_tokens=self.max_suffix_tokens)
+                self._cutter = StateTemplate(self.processor, max_suffix_tokens=int(limit))
             except ValueError as e:
                 raise ValueError(f"{value.path}/config.json: vimar_value.{e}") from None
         self.min_rows, self.min_width = int(min_rows), int(min_width)
