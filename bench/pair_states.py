@@ -74,8 +74,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.scenes < 1:
         p.error(f"--scenes must be >= 1, got {args.scenes}")
-    if args.seed in (100, 1000, 1003):
-        p.error(f"--seed {args.seed} is a validation or held-out stream: train on another")
+    from vimar_jax.data.scenes import check_training_seed
+
+    try:
+        check_training_seed(args.seed)
+    except ValueError as e:
+        p.error(str(e))
     clip = None
     if args.clip is not None:
         if not os.path.isfile(os.path.join(args.clip, "config.json")):

@@ -181,6 +181,6 @@ def test_pair_states_write_each_pair_as_a_labelled_terminal_state(tmp_path, caps
     assert "already holds transitions" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         pair_states.main(["--out", str(tmp_path / "x"), "--seed", "100"])
-    assert "validation or held-out" in capsys.readouterr().err
+    assert "--seed 100 is the validation stream, kept for evaluation" in capsys.readouterr().err
     assert pair_states.main(["--out", str(tmp_path / "y"), "--clip", "/nonexistent-clip"]) == 2
     assert "/nonexistent-clip has no config.json" in capsys.readouterr().err

@@ -377,3 +377,59 @@ def test_coco_source_from_a_tfds_style_data_source():
     assert np.array_equal(np.asarray(sources.open_image("coco:val:0", coco_source=recs)), recs[0]["image"])
     with pytest.raises(ValueError, match="unknown kind"):
         sources.parse_source("ftp:somewhere")
+
+
+def test_step_states_are_clip_advantages_of_the_step_search_candidates(tmp_path, capsys):
+    """train/gen_step_states.py with the shipped tiny policy and CLIP: each step's distinct candidates, δ stored
+    as (CLIP δ − the step's mean) · one scale that gives the advantages the target spread; the step search's
+    caption takes, at each step, the candidate with the highest stored advantage; bad inputs are clear errors."""
+    sys.path.insert(0, str(ROOT / "train"))
+    import gen_step_states
+
+    from vimar_jax import pipeline
+    from vimar_jax.data import scenes as sc
+    from vimar_jax.data import transitions as tr
+    from vimar_jax.decode.search import SearchConfig
+
+    policy, clip = str(pipeline.default_dir("policy")), str(pipeline.default_dir("clip"))
+    out = tmp_path / "steps"
+    argv = ["--policy", policy, "--clip", clip, "--source", "tiny:2:2", "--out", str(out),
+            "--temperatures", "0.5,1.0", "-k", "3", "--target-std", "0.4"]
+    assert gen_step_states.main(argv) == 0
+    records = [r for path in tr.shard_paths(str(out)) for r in tr.read_shard(path)]
+    manifest = tr.read_manifest(str(out))
+    scale = manifest["settings"]["step_states"]["scale"]
+    assert manifest["counts"]["records"] == len(records) > 0
+    assert all(r["done"] and r["num_sentences"] == 1 for r in records)
+    assert len({r["traj"] for r in records}) == len(records)
+    assert np.std([r["delta"] for r in records]) == pytest.approx(0.4, rel=1e-6)
+
+    engine = pipeline.build_engine(policy=policy, value=False, clip=clip,
+                                   config=SearchConfig(temperatures=(0.5, 1.0), samples_per_temperature=3))
+    steps: dict[str, list[dict]] = {}
+    for r in records:
+        steps.setdefault(r["group"], []).append(r)
+    for i in range(2):
+        image = sc.render(sc.scene_at(2, i))
+        ctx = engine.clip.begin(image)
+        caption = engine.run(image, records[0]["prompt"], "clip-search").sentences
+        mine = sorted((g for g in steps if g.startswith(f"{i}/")), key=lambda g: int(g.split("/")[1]))
+        assert mine, f"no step of image {i} was kept"
+        for g in mine:
+            texts = [r["text"] for r in steps[g]]
+            assert len(set(texts)) == len(texts) >= 2
+            delta = np.asarray(engine.clip.score(ctx, texts), np.float64)
+            np.testing.assert_allclose([r["delta"] for r in steps[g]], (delta - delta.mean()) * scale, atol=1e-4)
+            step = int(g.split("/")[1])
+            best = max(steps[g], key=lambda r: r["delta"])["text"]
+            assert caption[step].text == best
+
+    capsys.readouterr()
+    assert gen_step_states.main(argv) == 2
+    assert "already holds transitions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gen_step_states.main([*argv[:5], "tiny:1003:2", "--out", str(tmp_path / "x")])
+    assert "tiny seed 1003 is the claims' held-out stream, kept for evaluation" in capsys.readouterr().err
+    assert gen_step_states.main(["--policy", policy, "--clip", "/nonexistent-clip", "--source", "tiny:2:1",
+                                 "--out", str(tmp_path / "y")]) == 2
+    assert "--clip /nonexistent-clip has no config.json" in capsys.readouterr().err

@@ -271,6 +271,19 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig | None = None) ->
     raise ValueError(f"no {w}x{h} scene meets the overlap/visibility limits of {cfg} in {_MAX_REDRAWS} draws")
 
 
+# Scene streams kept for evaluation: no training data is drawn from them and no recipe is chosen on 1000-1003.
+EVALUATION_SEEDS = {100: "the validation stream", 1000: "`vimar eval`'s held-out stream",
+                    1001: "the demo's stream", 1002: "the provenance's held-out CHAIR stream",
+                    1003: "the claims' held-out stream"}
+
+
+def check_training_seed(seed: int, what: str = "--seed") -> None:
+    """ValueError naming the stream's role when `seed` is one of `EVALUATION_SEEDS`."""
+    if seed in EVALUATION_SEEDS:
+        raise ValueError(f"{what} {seed} is {EVALUATION_SEEDS[seed]}, kept for evaluation: train on another "
+                         "seed, e.g. 2")
+
+
 def scene_at(seed: int, index: int, config: SceneConfig | None = None) -> Scene:
     """Scene `index` of the stream `seed` (random access: independent of the other indices)."""
     return sample_scene(np.random.default_rng([seed, index]), config)
