@@ -63,6 +63,18 @@ TAU_REFERENCE = {"tau": 0.16, "p90": 0.27}   # CLIP-L/336 on COCO (SPEC §2): τ
 
 # ------------------------------------------------------------------------------------------------ context
 
+def search_config(s, **overrides):
+    """The `SearchConfig` of a recipe's `search` section, with `overrides`."""
+    from vimar_jax.decode.search import SearchConfig
+
+    kw = dict(temperatures=tuple(float(t) for t in s.temperatures),
+              samples_per_temperature=int(s.samples_per_temperature), top_p=float(s.top_p),
+              max_new_tokens=int(s.max_new_tokens), sentence_max_tokens=int(s.sentence_max_tokens),
+              max_sentences=int(s.max_sentences), stage2=str(s.stage2), seed=int(s.seed))
+    kw.update(overrides)
+    return SearchConfig(**kw)
+
+
 def load_config(preset: str | None, overrides: Sequence[str] = ()):
     """The recipe's preset with `KEY=VALUE` overrides (dotted keys of existing entries; a value is read as a
     Python literal, else kept as a string). An unknown key is an error that names it."""
@@ -144,15 +156,7 @@ class Context:
         return os.path.join(self.models, name)
 
     def search_config(self, **overrides):
-        from vimar_jax.decode.search import SearchConfig
-
-        s = self.cfg.search
-        kw = dict(temperatures=tuple(float(t) for t in s.temperatures),
-                  samples_per_temperature=int(s.samples_per_temperature), top_p=float(s.top_p),
-                  max_new_tokens=int(s.max_new_tokens), sentence_max_tokens=int(s.sentence_max_tokens),
-                  max_sentences=int(s.max_sentences), stage2=str(s.stage2), seed=int(s.seed))
-        kw.update(overrides)
-        return SearchConfig(**kw)
+        return search_config(self.cfg.search, **overrides)
 
     def vlm(self, path: str):
         from vimar_jax.vlm import load_vlm

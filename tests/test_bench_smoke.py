@@ -2,11 +2,13 @@
 (the figures themselves are not checked: benchmarks report ratios, they do not pass or fail on time).
 Each script runs in a subprocess; about 2.5 minutes of CPU time for the four (compilations, HF imports)."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,6 @@ def test_decode_cpu_smoke():
 
 def test_gpu_bench_smoke(tmp_path):
     out = run_bench("gpu_bench.py", "--json", str(tmp_path / "r.json"))
-    import json
 
     rows = {r[0]: r for r in table_rows(out)}
     assert len(rows) == 8
@@ -96,7 +97,6 @@ def test_pairwise_counts_true_above_false(capsys):
     """bench/pairwise.py on scripted scorers: an oracle that knows the scene orders every pair, a constant
     scorer none (ties are not wins); a missing model directory is a clear error."""
     sys.path.insert(0, str(ROOT / "bench"))
-    import numpy as np
     import pairwise as P
 
     from vimar_jax.data import scenes as S
@@ -142,7 +142,6 @@ def test_cell_probe_reads_colours_from_each_objects_cell(capsys):
     (a colour is named from it on held-out scenes, which another cell's patch could not do); a missing policy
     directory is a clear error."""
     sys.path.insert(0, str(ROOT / "bench"))
-    import json
 
     import cell_probe as C
 
@@ -184,3 +183,40 @@ def test_pair_states_write_each_pair_as_a_labelled_terminal_state(tmp_path, caps
     assert "--seed 100 is the validation stream, kept for evaluation" in capsys.readouterr().err
     assert pair_states.main(["--out", str(tmp_path / "y"), "--clip", "/nonexistent-clip"]) == 2
     assert "/nonexistent-clip has no config.json" in capsys.readouterr().err
+
+
+def test_ceiling_truth_scorer_and_rows(tmp_path, capsys):
+    """bench/ceiling.py: the truth scorer gives a true object sentence +1 and a sentence naming a shape the scene
+    lacks -2 (the CHAIR parser's counts); a smoke run writes every row, each row's figures equal to CHAIR of its
+    stored captions; a models directory without clip/ and policy/ is exit 2 naming it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ceiling
+    import pairwise as P
+
+    from vimar_jax.data import scenes as S
+    from vimar_jax.eval.chair import tiny_chair
+
+    truth = ceiling.TruthScorer()
+    for i in range(3):
+        scene = S.scene_at(100, i)
+        wrong = P.false_objects(scene, i, 100)
+        trues, falses = P.minimal_pairs(scene, i, 100, wrong)
+        only = P.shape_only(scene, wrong)
+        lacking = [f for k in P.KINDS for f, o in zip(falses[k], only[k]) if o]
+        truth.scene = scene
+        np.testing.assert_array_equal(truth.score(truth.begin(None), trues), 1.0)
+        np.testing.assert_array_equal(truth.score(truth.begin(None), lacking), -2.0)
+
+    out = tmp_path / "ceiling.json"
+    assert ceiling.main(["--n", "2", "--preset", "smoke", "--theta-scenes", "2", "--percentiles", "50",
+                         "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = list(result["rows"])
+    assert names[:2] == ["greedy", "CLIP-PRM step search"] and names[2].startswith("ViMaR, CLIP as scorer, θ = P50")
+    assert names[3:] == ["VisVM, truth as scorer", "ViMaR, truth as scorer (θ = 0.5)"]
+    for name in names:
+        chair = tiny_chair(zip(result["captions"][name], S.scenes(100, 2)))
+        assert result["rows"][name]["chair_i"] == chair["chair_i"] and result["rows"][name]["recall"] == chair["recall"]
+    capsys.readouterr()
+    assert ceiling.main(["--models", str(tmp_path)]) == 2
+    assert f"{tmp_path} lacks clip, policy" in capsys.readouterr().err
