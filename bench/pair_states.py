@@ -31,15 +31,10 @@ def write_pair_states(out: str, scenes: int, seed: int = 2, clip=None, progress:
 
     from vimar_jax.data import scenes as S
     from vimar_jax.data import sources
-    from vimar_jax.data import transitions as tr
 
-    if os.path.exists(os.path.join(out, tr.MANIFEST)):
-        raise FileExistsError(f"{out} already holds transitions ({tr.MANIFEST}): choose another --out")
-    os.makedirs(out, exist_ok=True)
     source = sources.tiny_source(seed, scenes)
-    writer = tr.ShardWriter(out, 0, 1)
-    deltas, traj = [], 0
-    try:
+
+    def states():
         for i in tqdm(range(scenes), desc="pair states", disable=not progress):
             item = source.items[i]
             image = item.load()
@@ -49,20 +44,10 @@ def write_pair_states(out: str, scenes: int, seed: int = 2, clip=None, progress:
             if clip is not None:
                 values = [float(v) for v in clip.score(clip.begin(image), texts)]
             for text, delta in zip(texts, values):
-                for rec in tr.trajectory_records(image=item.ref, image_hw=[image.height, image.width],
-                                                 prompt=item.prompt, group=str(i), traj=traj, temperature=0.0,
-                                                 gt=False, sentences=[text], spans=[[0, 1]], deltas=[delta]):
-                    writer.write(rec)
-                deltas.append(delta)
-                traj += 1
-    except BaseException:
-        writer.abort()
-        raise
-    writer.commit({"shard": 0, "items": [0, scenes], "groups": [], "skipped": [], "deltas": deltas,
-                   "counts": {"images": scenes, "sentences": traj}})
-    settings = {"reward": {"tau": 0.0, "alpha": 1.0, "variant": "margin", "ground_truth_reward": 1.0},
-                "pair_states": {"seed": seed, "scenes": scenes, "delta": "clip" if clip is not None else "label"}}
-    return gen_rollouts.finalize(out, 1, settings, source)
+                yield item, [image.height, image.width], str(i), text, delta
+
+    settings = {"pair_states": {"seed": seed, "scenes": scenes, "delta": "clip" if clip is not None else "label"}}
+    return gen_rollouts.write_terminal_states(out, source, states(), settings, {"images": scenes})
 
 
 def main(argv=None) -> int:

@@ -336,6 +336,37 @@ def finalize(out: str, n_shards: int, settings: dict, source: src_lib.Source) ->
     return manifest
 
 
+def refuse_written(out: str) -> None:
+    """FileExistsError when `out` already holds a finished transitions directory (a manifest)."""
+    if os.path.exists(os.path.join(out, tr.MANIFEST)):
+        raise FileExistsError(f"{out} already holds transitions ({tr.MANIFEST}): choose another --out")
+
+
+def write_terminal_states(out: str, source: src_lib.Source, states, settings: dict, counts: dict) -> dict:
+    """Write `states`, an iterable of (item, image_hw, group, text, δ), each as a one-sentence terminal trajectory
+    (τ = 0 rewards: the TD target of such a state is its δ), into one shard of `out` and its manifest, whose
+    settings are `settings` beside the reward's; returns the manifest. `out` must not hold a manifest; a failure
+    aborts the shard. `counts`: the shard's counts beside "sentences" (the number of states)."""
+    refuse_written(out)
+    os.makedirs(out, exist_ok=True)
+    writer = tr.ShardWriter(out, 0, 1)
+    deltas: list[float] = []
+    try:
+        for item, hw, group, text, delta in states:
+            for rec in tr.trajectory_records(image=item.ref, image_hw=hw, prompt=item.prompt, group=group,
+                                             traj=len(deltas), temperature=0.0, gt=False, sentences=[text],
+                                             spans=[[0, 1]], deltas=[float(delta)]):
+                writer.write(rec)
+            deltas.append(float(delta))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit({"shard": 0, "items": [0, len(source.items)], "groups": [], "skipped": [], "deltas": deltas,
+                   "counts": {**counts, "sentences": len(deltas)}})
+    reward = {"tau": 0.0, "alpha": 1.0, "variant": "margin", "ground_truth_reward": 1.0}
+    return finalize(out, 1, {"reward": reward, **settings}, source)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 

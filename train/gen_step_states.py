@@ -67,11 +67,9 @@ def write_step_states(out: str, engine, source, *, target_std: float = 0.5, prog
     from tqdm import tqdm
 
     import gen_rollouts
-    from vimar_jax.data import transitions as tr
     from vimar_jax.decode.search import Engine
 
-    if os.path.exists(os.path.join(out, tr.MANIFEST)):
-        raise FileExistsError(f"{out} already holds transitions ({tr.MANIFEST}): choose another --out")
+    gen_rollouts.refuse_written(out)           # before the search, not after it
     recorder = RecordingScorer(engine.clip)
     search = Engine(engine.policy, engine.cfg, clip=recorder)
     items = []                                 # (item, image_hw, [(step, texts, δ)])
@@ -87,31 +85,16 @@ def write_step_states(out: str, engine, source, *, target_std: float = 0.5, prog
     if spread == 0.0:
         raise ValueError(f"{source.describe()}: every candidate of every step has the same δ; nothing to rank")
     scale = target_std / spread
-    os.makedirs(out, exist_ok=True)
-    writer = tr.ShardWriter(out, 0, 1)
-    deltas, traj = [], 0
-    try:
-        for item, hw, groups in items:
-            for step, texts, d in groups:
-                for text, a in zip(texts, (d - d.mean()) * scale):
-                    for rec in tr.trajectory_records(image=item.ref, image_hw=hw, prompt=item.prompt,
-                                                     group=f"{item.index}/{step}", traj=traj, temperature=0.0,
-                                                     gt=False, sentences=[text], spans=[[0, 1]], deltas=[float(a)]):
-                        writer.write(rec)
-                    deltas.append(float(a))
-                    traj += 1
-    except BaseException:
-        writer.abort()
-        raise
-    writer.commit({"shard": 0, "items": [0, len(source.items)], "groups": [], "skipped": [], "deltas": deltas,
-                   "counts": {"images": len(source.items), "sentences": traj,
-                              "steps": sum(len(g) for _, _, g in items)}})
+    states = ((item, hw, f"{item.index}/{step}", text, a)
+              for item, hw, groups in items for step, texts, d in groups
+              for text, a in zip(texts, (d - d.mean()) * scale))
     cfg = engine.cfg
-    settings = {"reward": {"tau": 0.0, "alpha": 1.0, "variant": "margin", "ground_truth_reward": 1.0},
-                "step_states": {"source": source.describe(), "temperatures": list(cfg.temperatures),
+    settings = {"step_states": {"source": source.describe(), "temperatures": list(cfg.temperatures),
                                 "samples_per_temperature": cfg.samples_per_temperature, "top_p": cfg.top_p,
                                 "target_std": target_std, "scale": scale, "delta_advantage_std": spread}}
-    return gen_rollouts.finalize(out, 1, settings, source)
+    return gen_rollouts.write_terminal_states(out, source, states, settings,
+                                              {"images": len(source.items),
+                                               "steps": sum(len(g) for _, _, g in items)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
