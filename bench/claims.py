@@ -57,6 +57,10 @@ COLUMNS = (  # (key, header, percent)
 )
 METHOD_LABELS = {"greedy": "greedy", "bon-clip": "best-of-N (CLIP)", "bon-value": "best-of-N (value)",
                  "clip-search": "CLIP-PRM search", "visvm": "VisVM search", "vimar": "ViMaR"}
+# Part of the cache key of every eval that uses the value model: bumped when the engine's value scoring changes
+# what such an eval measures, so that an earlier engine's cached result (its timings) is not reused.
+# 2: a scoring call runs the rows its packed states fill, not one row per candidate (session 9).
+VALUE_ENGINE = 2
 EPS = 1e-9                                   # goals at their bound count as met (float rounding)
 TAU_REFERENCE = {"tau": 0.16, "p90": 0.27}   # CLIP-L/336 on COCO (SPEC §2): τ and the P90 of δ
 
@@ -191,8 +195,7 @@ class Context:
         need_value, need_clip = needs(methods, config.bon_scorer)
         scorer = False
         if need_value:   # θ: the value model's stored default (build_engine reads it)
-            scorer = ValueScorer(self.value(value or self.model_dir("value")), state=state,
-                                 min_rows=config.num_candidates)
+            scorer = ValueScorer(self.value(value or self.model_dir("value")), state=state)
         return pipeline.build_engine(policy=self.vlm(policy or self.model_dir("policy")), value=scorer,
                                      clip=self.clip() if need_clip else False, config=config,
                                      require_theta="vimar" in methods)
@@ -217,6 +220,8 @@ class Context:
                    "warmup": _plain(self.cfg.warmup), "search": _plain(dataclasses.asdict(config)),
                    "state": state if need_value else None,
                    "models": {r: [p, _weights_stamp(p)] for r, p in paths.items() if used[r]}}
+            if need_value:
+                key["value_engine"] = VALUE_ENGINE
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
             cache = os.path.join(self.work, "evals", f"{m}-{digest}.json")
             if os.path.isfile(cache):

@@ -65,16 +65,16 @@ def load_policy(arg=None, *, dtype="float32", config: SearchConfig = SearchConfi
     return LlavaPolicy(vlm, prompt_template, slots=config.num_candidates, caption_slots=config.max_new_tokens)
 
 
-def load_value_scorer(arg=None, *, dtype="float32", config: SearchConfig = SearchConfig()):
-    """A `ValueScorer` from a directory / `Value` / `ValueScorer` (None: the tiny world's), batching at least
-    the config's N·K states per pass."""
+def load_value_scorer(arg=None, *, dtype="float32"):
+    """A `ValueScorer` from a directory / `Value` / `ValueScorer` (None: the tiny world's). Its states are
+    packed several to a row, so its calls run the rows the states fill (see `ValueScorer`), not N·K rows."""
     from vimar_jax.decode.scorers import ValueScorer
     from vimar_jax.vlm import Value, load_value
 
     if isinstance(arg, ValueScorer):
         return arg
     value = arg if isinstance(arg, Value) else load_value(_dir("value", arg), dtype=_dtype(dtype))
-    return ValueScorer(value, min_rows=config.num_candidates)
+    return ValueScorer(value)
 
 
 def load_clip_scorer(arg=None, *, config: SearchConfig = SearchConfig()):
@@ -99,7 +99,7 @@ def build_engine(policy=None, value=None, clip=None, config: SearchConfig = Sear
     if policy is False:
         raise ValueError("every search method needs a policy")
     pol = load_policy(policy, dtype=dtype, config=config, prompt_template=prompt_template)
-    val = None if value is False else load_value_scorer(value, dtype=dtype, config=config)
+    val = None if value is False else load_value_scorer(value, dtype=dtype)
     clp = None if clip is False else load_clip_scorer(clip, config=config)
     theta = config.theta
     if theta is None and val is not None:

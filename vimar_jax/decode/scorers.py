@@ -97,9 +97,11 @@ class ValueScorer:
     `state`: "sentence" | "prefix" (default: the checkpoint's `vimar_value.state`); `prompt`: the detail
     prompt of prefix states (`begin(image, prompt=...)` overrides it per image). States are packed
     first-fit (longest first) into rows of `min_width` tokens (the next power of two >= the longest suffix
-    when that is more), a power of two >= `min_rows` of rows per call."""
+    when that is more), a power of two >= `min_rows` of rows per call: as many as the states fill, so the N·K
+    candidates of a search step (about 20 tokens each in the tiny world) are one call of 4 rows. A call of 4
+    rows costs about what one row does on a CPU, and the floor keeps the compiled shapes few."""
 
-    def __init__(self, value, *, state: str | None = None, prompt: str = DEFAULT_PROMPT, min_rows: int = 1,
+    def __init__(self, value, *, state: str | None = None, prompt: str = DEFAULT_PROMPT, min_rows: int = 4,
                  min_width: int = 128):
         if getattr(value, "path", None) is None:
             raise ValueError("ValueScorer needs a value model loaded from a directory (tokenizer, processor)")
