@@ -30,6 +30,9 @@ Sections (`--only`):
   replacements and one append), each: copy the prompt cache, prefill the refined caption prefix (one
   128-slot bucket) after it, sample 30 candidate sentences of 32 tokens against it, value them. Host
   round trips (argmax of the scores) are included; text decoding and sentence splitting are not.
+  Beside it, in the same section, VisVM's step search over the same models and lengths: `sentences` steps
+  (4 x 32 = the Stage-1 caption's 128 tokens), each sampling 30 candidate sentences after the caption so far
+  and valuing them in one call; the table gives VisVM / ViMaR, the speed claim on the paper's kind of device.
 - `td`: one TD training step of a 7B-shaped value model on one GPU: packed rows of `td_seq` tokens
   ([2,340-token image prefix, 36-token sentence states...], segment mask), value at layer L-1 as
   `ValueModel(value_layer=-2)`, semi-gradient TD(0) loss, bf16 parameters, AdamW with bf16 moments (the
@@ -457,6 +460,20 @@ class Ours:
         n_stage1 = C * s.sentences
         stage1_calls = -(-n_stage1 // s.score_rows)
 
+        def sentence_step(prompt, tokens, n, seed, vprefix):
+            """C candidate sentences after the first n caption tokens (prefilled after a copy of the prompt
+            cache), valued in one call; the best one's tokens (host round trip included)."""
+            ext = np.zeros((1, N), np.int32)
+            ext[0, :n] = tokens[:n]
+            cache = self.jax.tree.map(jnp.copy, prompt)
+            st, cache = p["sampler"].prefill(p["params"], jnp.asarray(ext), jnp.asarray([n]), cache,
+                                             cache_index=s.prompt, start_positions=s.prompt)
+            sents = self.decode_shared(st, cache, C, stage2, seed)
+            sc = v["score"](v["state"], states, vprefix)
+            best = int(np.argmax(np.asarray(sc)[:C]))
+            assert int(sents.lengths[0]) == L
+            return np.asarray(sents.tokens[best])[:L]
+
         def caption():
             start, prompt = self.prompt_cache()
             cands = self.decode_shared(start, prompt, C, stage1, 10)            # Stage 1: C full captions
@@ -465,16 +482,23 @@ class Ours:
             best = int(np.argmax(np.concatenate([np.asarray(x) for x in scores])[:n_stage1]) // s.sentences)
             tokens = np.asarray(cands.tokens[best])
             for step in range(s.refine_steps):                                   # Stage 2
-                n = min(N, (step + 1) * L)
-                ext = np.zeros((1, N), np.int32)
-                ext[0, :n] = tokens[:n]
-                cache = self.jax.tree.map(jnp.copy, prompt)
-                st, cache = p["sampler"].prefill(p["params"], jnp.asarray(ext), jnp.asarray([n]), cache,
-                                                 cache_index=s.prompt, start_positions=s.prompt)
-                sents = self.decode_shared(st, cache, C, stage2, 20 + step)
-                sc = v["score"](v["state"], states, vprefix)
-                int(np.argmax(np.asarray(sc)[:C]))
-                assert int(sents.lengths[0]) == L
+                sentence_step(prompt, tokens, min(N, (step + 1) * L), 20 + step, vprefix)
+            return vprefix
+
+        def visvm_caption():
+            """VisVM's step search over the same models and lengths: `sentences` steps of C candidate
+            sentences, each valued and the best appended (the first step decodes from the prompt itself)."""
+            start, prompt = self.prompt_cache()
+            vprefix = v["prefill"](v["state"], image_prefix)
+            tokens = np.zeros((N,), np.int32)
+            for step in range(s.sentences):
+                if step == 0:
+                    sents = self.decode_shared(start, prompt, C, stage2, 30)
+                    sc = v["score"](v["state"], states, vprefix)
+                    chosen = np.asarray(sents.tokens[int(np.argmax(np.asarray(sc)[:C]))])[:L]
+                else:
+                    chosen = sentence_step(prompt, tokens, step * L, 30 + step, vprefix)
+                tokens[step * L:(step + 1) * L] = chosen
             return vprefix
 
         vprefix = self.sync(caption())
@@ -486,6 +510,10 @@ class Ours:
                                            refine_steps=s.refine_steps, sentence_tokens=L,
                                            value_prefix=s.value_prefix, prompt=s.prompt)
         log(f"ours: ViMaR {t:.2f} s per caption")
+        self.sync(visvm_caption())
+        t = self.time(visvm_caption, max(1, self.repeats - 1))
+        self.results["visvm_s"] = t
+        log(f"ours: VisVM {t:.2f} s per caption ({s.sentences} steps of {C} x {L}-token candidates)")
 
     def run_clip(self):
         v = self.value_model()
@@ -664,6 +692,8 @@ def table(ours: dict, hf: dict, sh: Shapes) -> str:
     t.add(f"{sh.candidates} candidates top-p 0.9, total tok/s", fmt(x), fmt(h("candidates_tok_s")), r(x, h("candidates_tok_s")),
           ">= 4,000", met(x, GOALS["candidates"]))
     t.add("ViMaR s/caption (fixed lengths)", fmt(o("vimar_s"), 2), "-", "-", "<= 3", met(o("vimar_s"), 3.0, False))
+    t.add("VisVM s/caption, same lengths (ratio: VisVM / ViMaR)", fmt(o("visvm_s"), 2), "-",
+          r(o("visvm_s"), o("vimar_s")), "-", "-")
     mfu = o("td_mfu")
     layers = o("td_layers")
     label = "TD step MFU" + ("" if layers is None else f" ({layers}-layer model)")

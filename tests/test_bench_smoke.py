@@ -54,11 +54,11 @@ def test_gpu_bench_smoke(tmp_path):
     out = run_bench("gpu_bench.py", "--json", str(tmp_path / "r.json"))
 
     rows = {r[0]: r for r in table_rows(out)}
-    assert len(rows) == 8
+    assert len(rows) == 9
     res = json.loads((tmp_path / "r.json").read_text())
     ours, hf = res["ours"], res["hf"]
     for key in ("prefill_ms", "greedy_shared_tok_s", "greedy_own_tok_s", "candidates_tok_s", "vimar_s",
-                "td_tokens_s", "clip_ms"):
+                "visvm_s", "td_tokens_s", "clip_ms"):
         assert ours[key] > 0, key
     for key in ("prefill_ms", "greedy_tok_s", "candidates_tok_s", "clip_ms"):
         assert hf[key] > 0, key

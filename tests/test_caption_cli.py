@@ -85,7 +85,7 @@ def test_missing_models_and_theta_are_clear_errors(tmp_path, capsys, monkeypatch
 
 SEARCH_FLAGS = ["--temperatures", "0.2, 0.6", "-k", "3", "--top-p", "0.8", "--theta", "0.1", "--stage2", "append_only",
                 "--caption-score", "min", "--bon-scorer", "value", "--max-new-tokens", "40", "--sentence-max-tokens",
-                "12", "--max-sentences", "5"]
+                "12", "--max-sentences", "5", "--max-refine", "3", "--max-append", "0", "--drop-below", "-1.5"]
 
 
 def test_caption_eval_and_demo_share_the_search_flags():
@@ -96,7 +96,7 @@ def test_caption_eval_and_demo_share_the_search_flags():
 
     want = SearchConfig(temperatures=(0.2, 0.6), samples_per_temperature=3, top_p=0.8, theta=0.1,
                         stage2="append_only", caption_score="min", bon_scorer="value", max_new_tokens=40,
-                        sentence_max_tokens=12, max_sentences=5, seed=7)
+                        sentence_max_tokens=12, max_sentences=5, max_refine=3, max_append=0, drop_below=-1.5, seed=7)
     parser = build_parser()
     for argv in (["caption", "a.png", "--seed", "7"], ["eval", "--n", "2", "--seed", "1003", "--search-seed", "7"],
                  ["demo", "--seed", "1003", "--search-seed", "7"]):
@@ -107,6 +107,12 @@ def test_caption_eval_and_demo_share_the_search_flags():
             assert args.seed == 1003
     with pytest.raises(ValueError, match="--temperatures"):
         caption_cli.search_config(parser.parse_args(["caption", "a.png", "--temperatures", "0.1,hot"]))
+    assert caption_cli.search_config(parser.parse_args(["eval", "--theta-percentile", "70"])) == \
+        SearchConfig(theta_percentile=70.0)
+    with pytest.raises(ValueError, match="not both"):
+        caption_cli.search_config(parser.parse_args(["eval", "--theta-percentile", "70", "--theta", "0.2"]))
+    with pytest.raises(ValueError, match="max_append=-1"):
+        caption_cli.search_config(parser.parse_args(["eval", "--max-append", "-1"]))
 
 
 def test_demo_runs_on_given_model_dirs(tmp_path, capsys):

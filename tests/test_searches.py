@@ -218,6 +218,19 @@ def test_theta_default_from_stored_statistics(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="--theta"):
         theta_default(load_value(tmp_path))
+    # SearchConfig.theta_percentile (`--theta-percentile`) picks another stored percentile; without stored
+    # statistics it is an error, not a silent fallback.
+    small = engine()
+    at70 = build_engine(policy=small.policy, value=small.value, clip=False,
+                        config=SearchConfig(theta_percentile=70))
+    assert at70.theta == pytest.approx(STATS["p70"]) and at70.theta != pytest.approx(eng.theta)
+    with pytest.raises(ValueError, match="--theta"):
+        build_engine(policy=small.policy, value=load_value(tmp_path), clip=False,
+                     config=SearchConfig(theta_percentile=70))
+    with pytest.raises(ValueError, match="not both"):
+        SearchConfig(theta=0.1, theta_percentile=70)
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        SearchConfig(theta_percentile=130)
 
 
 # ------------------------------------------------------------------------------------------ policy

@@ -36,6 +36,12 @@ def add_search_arguments(p: argparse.ArgumentParser, *, seed_flag: str = "--seed
     g.add_argument("--samples-per-temperature", "-k", type=int, default=None, help="K samples per temperature")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--theta", type=float, default=None, help="weak-sentence threshold (default: stored stats)")
+    g.add_argument("--theta-percentile", type=float, default=None,
+                   help="θ = this percentile of the value model's stored sentence values (default: theirs, P30)")
+    g.add_argument("--max-refine", type=int, default=None, help="weak sentences Stage 2 re-samples, at most")
+    g.add_argument("--max-append", type=int, default=None, help="sentences Stage 2 appends, at most (0: none)")
+    g.add_argument("--drop-below", type=float, default=None,
+                   help="drop a weak sentence no candidate beats when its value is below this")
     g.add_argument("--stage2", choices=STAGE2_MODES, default=None)
     g.add_argument("--caption-score", choices=CAPTION_SCORES, default=None)
     g.add_argument("--bon-scorer", choices=("clip", "value"), default=None, help="best-of-N scorer of 'bon'")
@@ -53,8 +59,9 @@ def search_config(args) -> SearchConfig:
             kw["temperatures"] = tuple(float(t) for t in args.temperatures.split(",") if t.strip())
         except ValueError:
             raise ValueError(f"--temperatures {args.temperatures!r}: expected comma-separated numbers") from None
-    for name in ("samples_per_temperature", "top_p", "theta", "stage2", "caption_score", "bon_scorer",
-                 "max_new_tokens", "sentence_max_tokens", "max_sentences"):
+    for name in ("samples_per_temperature", "top_p", "theta", "theta_percentile", "max_refine", "max_append",
+                 "drop_below", "stage2", "caption_score", "bon_scorer", "max_new_tokens", "sentence_max_tokens",
+                 "max_sentences"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v

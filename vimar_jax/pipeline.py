@@ -5,9 +5,9 @@
 
 Each model argument is a directory (HF or `vimar convert` output), an already loaded object, `None` for the
 shipped tiny-world model (`vimar_jax/assets/tiny_world/{policy,value,clip}`), or `False` when the method
-does not need it. θ is `config.theta`, else the value checkpoint's stored statistics
-(`decode.scorers.theta_default`); without either, ViMaR's Stage 2 raises asking for `--theta`
-(`require_theta=True` raises here instead).
+does not need it. θ is `config.theta`, else a percentile (`config.theta_percentile`, or the stored default)
+of the value checkpoint's stored statistics (`decode.scorers.theta_default`); without either, ViMaR's Stage 2
+raises asking for `--theta` (`require_theta=True` or a `theta_percentile` raises here instead).
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def build_engine(policy=None, value=None, clip=None, config: SearchConfig = Sear
     theta = config.theta
     if theta is None and val is not None:
         try:
-            theta = theta_default(val.value)
+            theta = theta_default(val.value, config.theta_percentile)
         except ValueError:
-            if require_theta:
+            if require_theta or config.theta_percentile is not None:
                 raise
     if theta is None and require_theta:
         raise ValueError("ViMaR Stage 2 needs θ: pass --theta (SearchConfig.theta) or a value model with stored "

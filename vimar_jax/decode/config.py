@@ -22,6 +22,7 @@ class SearchConfig:
     sentence_max_tokens: int = 64      # budget of one candidate sentence
     max_sentences: int = 12            # cap of step search
     theta: float | None = None         # weak-sentence threshold; None: the value model's default
+    theta_percentile: float | None = None  # or θ = this percentile of the value model's stored statistics
     max_refine: int = 8                # at most this many weak segments are re-sampled
     max_append: int = 4                # at most this many sentences appended
     stage2: str = "replace_append"     # "off" | "append_only" (released code) | "replace_append" (paper)
@@ -37,6 +38,13 @@ class SearchConfig:
             raise ValueError(f"caption_score={self.caption_score!r}: expected one of {CAPTION_SCORES}")
         if self.bon_scorer not in ("clip", "value"):
             raise ValueError(f"bon_scorer={self.bon_scorer!r}: expected 'clip' or 'value'")
+        if self.theta_percentile is not None:
+            if self.theta is not None:
+                raise ValueError("give theta or theta_percentile, not both")
+            if not 0 <= self.theta_percentile <= 100:
+                raise ValueError(f"theta_percentile={self.theta_percentile}: expected a percentile in [0, 100]")
+        if self.max_refine < 0 or self.max_append < 0:
+            raise ValueError(f"max_refine={self.max_refine}, max_append={self.max_append}: expected >= 0")
         if not self.temperatures or self.samples_per_temperature < 1:
             raise ValueError("need at least one temperature and one sample per temperature")
 
