@@ -460,14 +460,17 @@ class Ours:
         n_stage1 = C * s.sentences
         stage1_calls = -(-n_stage1 // s.score_rows)
 
-        def sentence_step(prompt, tokens, n, seed, vprefix):
+        def sentence_step(start, prompt, tokens, n, seed, vprefix):
             """C candidate sentences after the first n caption tokens (prefilled after a copy of the prompt
-            cache), valued in one call; the best one's tokens (host round trip included)."""
-            ext = np.zeros((1, N), np.int32)
-            ext[0, :n] = tokens[:n]
-            cache = self.jax.tree.map(jnp.copy, prompt)
-            st, cache = p["sampler"].prefill(p["params"], jnp.asarray(ext), jnp.asarray([n]), cache,
-                                             cache_index=s.prompt, start_positions=s.prompt)
+            cache; n = 0: straight after the prompt), valued in one call; the best one's tokens (host round
+            trip included)."""
+            st, cache = start, prompt
+            if n:
+                ext = np.zeros((1, N), np.int32)
+                ext[0, :n] = tokens[:n]
+                st, cache = p["sampler"].prefill(p["params"], jnp.asarray(ext), jnp.asarray([n]),
+                                                 self.jax.tree.map(jnp.copy, prompt), cache_index=s.prompt,
+                                                 start_positions=s.prompt)
             sents = self.decode_shared(st, cache, C, stage2, seed)
             sc = v["score"](v["state"], states, vprefix)
             best = int(np.argmax(np.asarray(sc)[:C]))
@@ -482,7 +485,7 @@ class Ours:
             best = int(np.argmax(np.concatenate([np.asarray(x) for x in scores])[:n_stage1]) // s.sentences)
             tokens = np.asarray(cands.tokens[best])
             for step in range(s.refine_steps):                                   # Stage 2
-                sentence_step(prompt, tokens, min(N, (step + 1) * L), 20 + step, vprefix)
+                sentence_step(start, prompt, tokens, min(N, (step + 1) * L), 20 + step, vprefix)
             return vprefix
 
         def visvm_caption():
@@ -492,13 +495,7 @@ class Ours:
             vprefix = v["prefill"](v["state"], image_prefix)
             tokens = np.zeros((N,), np.int32)
             for step in range(s.sentences):
-                if step == 0:
-                    sents = self.decode_shared(start, prompt, C, stage2, 30)
-                    sc = v["score"](v["state"], states, vprefix)
-                    chosen = np.asarray(sents.tokens[int(np.argmax(np.asarray(sc)[:C]))])[:L]
-                else:
-                    chosen = sentence_step(prompt, tokens, step * L, 30 + step, vprefix)
-                tokens[step * L:(step + 1) * L] = chosen
+                tokens[step * L:(step + 1) * L] = sentence_step(start, prompt, tokens, step * L, 30 + step, vprefix)
             return vprefix
 
         vprefix = self.sync(caption())
