@@ -186,6 +186,26 @@ def test_prefill_then_decode_matches_full_forward(name):
     np.testing.assert_array_equal(cache.pos[:, bucket:bucket + steps], step_pos - np.arange(steps)[::-1])
 
 
+def test_rewriting_a_cache_slot_forgets_its_old_token():
+    """A call attends to the cache as it was except the slots it writes: tokens written over filled slots
+    (a branch that goes back) see the new tokens there, never the old ones; for one-token decode steps
+    (which read the cache in place) and for multi-token calls (which write it first)."""
+    hf, ours = models("mistral_gqa2_tied")
+    prompt, first, second, after = random_ids(50, 4), 7, 11, 13
+    ref = hf_run(hf, np.concatenate([prompt, [second, after]]))[0]
+    cache = KVCache.init(ours.config, 1, 8)
+    _, cache = cached_step(ours, jnp.asarray(prompt[None]), arange_positions(1, 4), cache, jnp.int32(0))
+    _, cache = cached_step(ours, jnp.asarray([[first, first]]), jnp.asarray([[4, 5]]), cache, jnp.int32(4))
+    logits, cache = cached_step(ours, jnp.asarray([[second]]), jnp.asarray([[4]]), cache, jnp.int32(4))
+    errs = [max_rel_err(logits[0, 0], ref[4])]
+    logits, cache = cached_step(ours, jnp.asarray([[after]]), jnp.asarray([[5]]), cache, jnp.int32(5))
+    errs.append(max_rel_err(logits[0, 0], ref[5]))
+    _, cache = cached_step(ours, jnp.asarray([[first]]), jnp.asarray([[5]]), cache, jnp.int32(5))
+    logits, cache = cached_step(ours, jnp.asarray([[second, after]]), jnp.asarray([[4, 5]]), cache, jnp.int32(4))
+    errs += [max_rel_err(logits[0, 0], ref[4]), max_rel_err(logits[0, 1], ref[5])]
+    assert max(errs) <= TOL, errs
+
+
 @pytest.mark.parametrize("name", ["mistral_window", "qwen2"])
 def test_shared_prefix_cache(name):
     hf, ours = models(name)

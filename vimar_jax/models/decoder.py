@@ -3,7 +3,9 @@
 Layers are stacked (leading `layers` axis) and run with `jax.lax.scan`. Attention supports three ways of
 seeing keys (see docs/CONTRACTS.md, "Decoder"):
 - no cache: the T tokens of the call, causal by index, with optional packed segments;
-- a per-row `KVCache` written at `[cache_index, cache_index + T)`, masked by the position of each slot;
+- a per-row `KVCache` written at `[cache_index, cache_index + T)`, masked by the position of each slot
+  (a one-token decode step reads it in place and attends to the new token beside it; the cache is written
+  once, after the last layer);
 - an optional batch-1 `prefix` cache shared by every row, whose attention logits are concatenated with the
   row's own logits before one softmax (never copied per row).
 """
@@ -233,6 +235,7 @@ class Decoder(nnx.Module):
             raise ValueError(f"prefix cache must have batch 1 and >= {n} layers, got k {prefix.k.shape}")
 
         # Masks ([B, T, S] booleans) and position gaps for the sliding window, built once for all layers.
+        in_place = cache is not None and T == 1
         if cache is None:
             i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
             own_ok = jnp.broadcast_to(j <= i, (B, T, T))
@@ -241,11 +244,21 @@ class Decoder(nnx.Module):
                 own_ok = own_ok & (sk >= 0) & ((sk == 0) | (sk == sq))
             own_gap = positions[:, :, None] - positions[:, None, :]
             new_pos = None
+            masks = [(own_ok, own_gap)]
         else:
             cache_index = jnp.asarray(cache_index, jnp.int32)
             new_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, cache_index))
-            own_ok, own_gap = _position_mask(positions, new_pos)
-        masks = [(own_ok, own_gap)]
+            if in_place:
+                # A decode step: the cache as it was (read in place; the slot about to be written masked
+                # out), then the new token itself. No layer copies the cache to write one token into it;
+                # the cache is written once, after the last layer.
+                written = jnp.arange(cache.max_len, dtype=jnp.int32) == cache_index
+                old_ok, old_gap = _position_mask(positions, cache.pos)
+                masks = [(old_ok & ~written[None, None, :], old_gap), _position_mask(positions, positions)]
+            else:
+                # A prefill: each layer writes the new tokens into its cache slice and attends to all slots
+                # (attending to the new tokens beside a mostly empty cache would cost more than the copy).
+                masks = [_position_mask(positions, new_pos)]
         if prefix is not None:
             masks.append(_position_mask(positions, prefix.pos))
         windows = c.layer_windows[:n]
@@ -253,7 +266,7 @@ class Decoder(nnx.Module):
         window_arr = jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
         cos, sin = _rope_tables(positions, c.head_dim, c.rope_theta)
-        layer = _make_layer(c, self.dtype, masks, use_window, cos, sin, cache_index)
+        layer = _make_layer(c, self.dtype, masks, use_window, cos, sin, cache_index, in_place)
         xs = dict(p=self.layers.arrays(n), window=window_arr)
         if cache is not None:
             xs.update(k=cache.k, v=cache.v)
@@ -313,7 +326,7 @@ def _rms_norm(x, w, eps):
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def _make_layer(c: DecoderConfig, dtype, masks, use_window, cos, sin, cache_index):
+def _make_layer(c: DecoderConfig, dtype, masks, use_window, cos, sin, cache_index, in_place):
     """The per-layer scan body: (x, layer slice) -> (x, (new k, new v))."""
     K, G, D = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
     scale = D ** -0.5
@@ -332,13 +345,15 @@ def _make_layer(c: DecoderConfig, dtype, masks, use_window, cos, sin, cache_inde
         k = constrain(_rope(k, cos, sin), ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
-        if "k" in xs:   # own keys = this layer's cache with the new tokens written in
+        if "k" not in xs:
+            sources = [(k, v, "bskd")]
+        elif in_place:  # a decode step: this layer's cache as it was, then the new token
+            sources = [(xs["k"].astype(dtype), xs["v"].astype(dtype), "bskd"), (k, v, "bskd")]
+        else:           # a prefill: this layer's cache with the new tokens written in
             start = (0, cache_index, 0, 0)
             keys = jax.lax.dynamic_update_slice(xs["k"], k.astype(xs["k"].dtype), start).astype(dtype)
             vals = jax.lax.dynamic_update_slice(xs["v"], v.astype(xs["v"].dtype), start).astype(dtype)
-        else:
-            keys, vals = k, v
-        sources = [(keys, vals, "bskd")]
+            sources = [(keys, vals, "bskd")]
         if "pk" in xs:  # the shared prefix: one batch row broadcast by the einsum, never copied
             sources.append((xs["pk"].astype(dtype), xs["pv"].astype(dtype), "skd"))
 
