@@ -83,6 +83,51 @@ def test_processed_distribution_equals_hf(min_keep):
     assert kept[0].all() and kept[1].sum() == 3
 
 
+def _stable_reference_kept(logits_row, t, k, p, min_keep):
+    """HF's temperature -> top-k -> top-p kept set in numpy, its sort made stable (ties by token id), which is
+    the order HF's torch.sort gives small rows and our documented semantics for all."""
+    x = np.asarray(logits_row, np.float32) / np.float32(t)
+    v = x.shape[0]
+    keep = np.ones(v, bool)
+    if k > 0:
+        kk = min(max(int(k), min_keep), v)
+        keep &= x >= np.sort(x)[v - kk]
+    if p < 1.0:
+        masked = np.where(keep, x, -np.inf).astype(np.float32)
+        order = np.argsort(masked, kind="stable")
+        e = np.exp(masked[order] - masked[order].max())
+        cum = np.cumsum((e / e.sum()).astype(np.float32), dtype=np.float32)
+        gone = cum <= np.float32(1.0) - np.float32(p)
+        gone[v - min_keep:] = False
+        keep[order[gone]] = False
+    return keep
+
+
+@pytest.mark.parametrize("min_keep", [1, 3])
+def test_kept_sets_on_random_rows_with_ties(min_keep):
+    """200 rows of a 391-token vocabulary (the tiny world's), half of them with logits rounded to a coarse
+    grid so that many values tie, with random temperatures, top-k and top-p: the kept set equals HF's on the
+    rows without ties, and the stable-sort reference's (ties by token id) on all rows."""
+    r = np.random.default_rng(5)
+    n, vocab = 200, 391
+    logits = r.normal(0, 3, (n, vocab)).astype(np.float32)
+    logits[::2] = np.round(logits[::2] * 2) / 2                  # ties everywhere in even rows
+    logits[10, :] = 1.0                                           # one flat row
+    t = r.choice([0.1, 0.5, 0.7, 1.0, 1.5], n).astype(np.float32)
+    k = r.choice([0, 0, 1, 5, 40, 400], n).astype(np.int32)
+    p = r.choice([1.0, 0.9, 0.5, 0.2, 0.0], n).astype(np.float32)
+    ours = np.isfinite(np.asarray(_process(jnp.asarray(logits), t, k, p, min_tokens_to_keep=min_keep)))
+    for b in range(n):
+        ref = _stable_reference_kept(logits[b], t[b], k[b], p[b], min_keep)
+        np.testing.assert_array_equal(ours[b], ref, err_msg=f"row {b}: t={t[b]} k={k[b]} p={p[b]}")
+        if b % 2:
+            hf = np.isfinite(_hf_processed(logits[b], t[b], k[b], p[b], min_keep=min_keep))
+            np.testing.assert_array_equal(ours[b], hf, err_msg=f"row {b} against HF")
+    sizes = ours.sum(-1)
+    assert sizes.min() >= min_keep and (sizes < vocab).mean() > 0.5 and (sizes == vocab).any()
+    assert 0 < ours[10].sum() < vocab          # the flat row is cut inside its one tie group
+
+
 def test_sample_returns_processed_and_raw_logprobs():
     logits, t, k, p = _cases()
     keys = row_keys(jax.random.key(1), jnp.arange(len(logits)))
@@ -141,6 +186,15 @@ def test_rows_are_independent_of_batch_composition():
     full, _ = _sample(jnp.asarray(logits), keys, t, k, p)
     part, _ = _sample(jnp.asarray(logits[2:4]), keys[2:4], t[2:4], k[2:4], p[2:4])
     np.testing.assert_array_equal(np.asarray(full)[2:4], np.asarray(part))
+
+
+def test_each_row_alone_is_processed_as_in_the_batch():
+    """Alone, a row whose batch has no top-k (or no top-p) row skips that search: the same result."""
+    logits, t, k, p = _cases()
+    batch = np.asarray(_process(jnp.asarray(logits), t, k, p))
+    for b in range(len(logits)):
+        alone = np.asarray(_process(jnp.asarray(logits[b:b + 1]), t[b:b + 1], k[b:b + 1], p[b:b + 1]))
+        np.testing.assert_array_equal(alone[0], batch[b], err_msg=f"row {b}")
 
 
 def test_bad_shapes_raise():

@@ -16,6 +16,11 @@ so rows with different settings share one compiled function. Semantics, row by r
   `p` (HF rounds the float64 `1 - p`): the two differ only for a cumulative probability within a float32
   ulp of the cut.
 
+Nothing is sorted (a sort of a [B, V] row costs most of a small model's decode step on a CPU): the k-th
+largest value and the top-p cut are found per row by a 32-step bisection over the float32 values' bit
+patterns (masked counts and sums over the vocabulary), and the tie group straddling a cut is split by
+token id with one cumsum; each search is skipped when no row of the batch uses its filter.
+
 Removed tokens get logit `-inf`. Sampling draws from `softmax(processed)` with `jax.random.categorical`
 (Gumbel-max), one key per row; `row_keys(key, row_ids)` derives them with `jax.random.fold_in`, so a
 row's draw does not depend on which other rows share its batch.
@@ -59,22 +64,69 @@ def process_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, 
     greedy = temperature == 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)
 
-    # One stable ascending sort serves both filters: top-k removes a prefix of it (values below the k-th
-    # largest) and leaves the order of the survivors unchanged, which is the order top-p re-sorts into.
-    order = jnp.argsort(scaled, axis=-1, stable=True)
-    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    # Top-k: remove what is below the k-th largest value (ties with it are all kept).
     k = jnp.where(top_k > 0, jnp.clip(top_k, min_tokens_to_keep, v), v)
-    kth = jnp.take_along_axis(ranked, v - k, axis=-1)
-    removed = ranked < kth
+    key = _order_key(scaled)
+    kth = jax.lax.cond(jnp.any(k < v),      # no row filters: skip the search
+                       lambda: _largest(lambda t: jnp.sum(key >= t, axis=-1, keepdims=True) >= k, key.shape[0]),
+                       lambda: jnp.zeros((key.shape[0], 1), jnp.uint32))
+    removed = key < kth
 
-    cum = jnp.cumsum(jax.nn.softmax(jnp.where(removed, NEG_INF, ranked), axis=-1), axis=-1)
-    keep_tail = jnp.arange(v) >= v - min_tokens_to_keep
-    removed |= (cum <= 1.0 - top_p) & (top_p < 1.0) & ~keep_tail
-
-    rows = jnp.arange(logits.shape[0])[:, None]
-    processed = jnp.zeros_like(scaled).at[rows, order].set(jnp.where(removed, NEG_INF, ranked))
+    removed |= jax.lax.cond(jnp.any(top_p < 1.0),      # no row filters: skip the search
+                            lambda: _top_p_removed(scaled, removed, top_p, min_tokens_to_keep),
+                            lambda: jnp.zeros_like(removed))
+    processed = jnp.where(removed, NEG_INF, scaled)
     point_mass = jnp.where(jnp.arange(v) == jnp.argmax(logits, axis=-1)[:, None], 0.0, NEG_INF)
     return jnp.where(greedy, point_mass, processed)
+
+
+def _top_p_removed(scaled, removed, top_p, min_tokens_to_keep):
+    """Top-p over the top-k survivors, as an ascending stable sort would cut, without sorting. With the
+    tokens in ascending (probability, id) order, a token goes when the cumulative probability through it is
+    <= 1 - p: the whole groups of equal probability up to the largest value `low` whose cumulative mass
+    (everything <= it) is <= 1 - p go; in the next group, tokens go by id while the mass through them stays
+    <= 1 - p; everything above stays."""
+    probs = jax.nn.softmax(jnp.where(removed, NEG_INF, scaled), axis=-1)
+    pkey = _order_key(probs)
+    cut = 1.0 - top_p
+    low = _largest(lambda t: jnp.sum(jnp.where(pkey <= t, probs, 0.0), axis=-1, keepdims=True) <= cut,
+                   pkey.shape[0])
+    below = pkey <= low
+    mass_below = jnp.sum(jnp.where(below, probs, 0.0), axis=-1, keepdims=True)
+    nxt = jnp.min(jnp.where(below, jnp.uint32(0xFFFFFFFF), pkey), axis=-1, keepdims=True)
+    group = pkey == nxt
+    through = mass_below + jnp.cumsum(jnp.where(group, probs, 0.0), axis=-1)   # by id within the group
+    gone = below | (group & (through <= cut))
+    return gone & (top_p < 1.0) & ~_top_tokens(pkey, min_tokens_to_keep)
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """uint32 keys whose order is the order of the float32 values x (-0.0 taken as 0.0; no NaN)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32) + 0.0, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest(holds, rows: int) -> jax.Array:
+    """Per row, the largest uint32 t [rows, 1] for which `holds(t)` ([rows, 1] bool) is true, for a `holds`
+    that is true from 0 up to some point and false after it: built bit by bit from the top, 32 steps."""
+    def bit(i, t):
+        trial = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(holds(trial), trial, t)
+    return jax.lax.fori_loop(0, 32, bit, jnp.zeros((rows, 1), jnp.uint32))
+
+
+def _top_tokens(key: jax.Array, m: int) -> jax.Array:
+    """The last m tokens of each row in ascending (key, id) order: [B, V] bool."""
+    if m == 1:      # the largest key's last token
+        ids = jnp.arange(key.shape[-1])
+        last = jnp.max(jnp.where(key == jnp.max(key, axis=-1, keepdims=True), ids, -1), axis=-1, keepdims=True)
+        return ids == last
+    mth = _largest(lambda t: jnp.sum(key >= t, axis=-1, keepdims=True) >= m, key.shape[0])
+    above = key > mth
+    room = m - jnp.sum(above, axis=-1, keepdims=True)
+    tied = key == mth
+    from_top = jnp.cumsum(tied[:, ::-1], axis=-1)[:, ::-1]      # rank by id, highest id first
+    return above | (tied & (from_top <= room))
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
