@@ -50,6 +50,15 @@ def test_decode_cpu_smoke():
     assert "greedy tokens agree 8/8" in rows["batch-1 greedy"][-1]   # same weights, fp32: same tokens
 
 
+def test_sampling_cpu_smoke():
+    out = run_bench("sampling_cpu.py")
+    rows = table_rows(out)
+    assert len(rows) == 1 and rows[0][0] == "vocab 64"
+    ours, sort, _, hf = numbers(rows[0])[:4]
+    assert ours > 0 and sort > 0 and hf > 0
+    assert "kept sets equal 4/4; draws equal: yes" in rows[0][-1]   # no sort, same sets and tokens as a sort
+
+
 def test_gpu_bench_smoke(tmp_path):
     out = run_bench("gpu_bench.py", "--json", str(tmp_path / "r.json"))
 
