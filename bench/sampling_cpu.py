@@ -3,10 +3,10 @@ a sort and vs HF's warpers, same logits.
 
     python bench/sampling_cpu.py [--rows 30] [--vocab 391,32000] [--repeats 5] [--smoke]
 
-- ours: `vimar_jax.decode.sampling.sample` (no sort: the k-th value and the top-p cut by bisection over the
-  float32 bit patterns);
-- sort: the textbook way in JAX, one stable ascending `argsort` per row serving top-k and top-p, a scatter
-  back, the same Gumbel draw (what `sample` did before);
+- ours: `vimar_jax.decode.sampling.sample(method="search")` (no sort: the k-th value and the top-p cut by
+  bisection over the float32 bit patterns; the default on CPU and TPU);
+- sort: `sample(method="sort")`, the textbook way, one stable ascending `argsort` per row serving top-k and
+  top-p and a scatter back, the same Gumbel draw (the default on a GPU; what `sample` did before on all);
 - HF: `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper` (torch.sort) and `torch.multinomial`.
 
 The JAX contenders run `--steps` sampling steps inside one jitted `fori_loop` (as in the decode loop, no
@@ -19,6 +19,7 @@ Vocabulary 391 is the tiny world's, 32,000 Mistral's; top-p 0.9 and the temperat
 from __future__ import annotations
 
 import argparse
+import functools
 
 from common import Table, fmt, machine_line, median_times, ratio  # noqa: F401  (sets sys.path)
 
@@ -26,32 +27,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vimar_jax.decode.sampling import NEG_INF, process_logits, row_keys, sample  # noqa: E402
-
-
-def sort_process(logits, temperature, top_k, top_p):
-    """Temperature -> top-k -> top-p with one stable ascending sort per row (min_tokens_to_keep = 1)."""
-    logits = logits.astype(jnp.float32)
-    v = logits.shape[-1]
-    t, k, p = temperature[:, None], top_k[:, None], top_p[:, None]
-    greedy = t == 0
-    scaled = logits / jnp.where(greedy, 1.0, t)
-    order = jnp.argsort(scaled, axis=-1, stable=True)
-    ranked = jnp.take_along_axis(scaled, order, axis=-1)
-    k = jnp.where(k > 0, jnp.clip(k, 1, v), v)
-    removed = ranked < jnp.take_along_axis(ranked, v - k, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(jnp.where(removed, NEG_INF, ranked), axis=-1), axis=-1)
-    removed |= (cum <= 1.0 - p) & (p < 1.0) & (jnp.arange(v) < v - 1)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    processed = jnp.zeros_like(scaled).at[rows, order].set(jnp.where(removed, NEG_INF, ranked))
-    point_mass = jnp.where(jnp.arange(v) == jnp.argmax(logits, axis=-1)[:, None], 0.0, NEG_INF)
-    return jnp.where(greedy, point_mass, processed)
+from vimar_jax.decode.sampling import process_logits, row_keys, sample  # noqa: E402
 
 
 def sort_sample(logits, keys, temperature, top_k, top_p):
-    processed = sort_process(logits, temperature, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
-    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+    return sample(logits, keys, temperature, top_k, top_p, method="sort")[0]
 
 
 def looped(fn, steps: int):
@@ -92,10 +72,10 @@ def main(argv=None) -> int:
     print(machine_line())
     table = Table(f"One sampling step, {a.rows} rows, top-p {a.top_p}, temperatures 0.1-0.9 (ms per step)",
                   ("figure", "ours", "sort", "ours vs sort", "HF", "ours vs HF", "note"))
-    ours_run = looped(lambda *x: sample(*x)[0], a.steps)
+    ours_run = looped(lambda *x: sample(*x, method="search")[0], a.steps)
     sort_run = looped(sort_sample, a.steps)
-    check_process = jax.jit(process_logits)
-    check_sort = jax.jit(sort_process)
+    check_process = jax.jit(functools.partial(process_logits, method="search"))
+    check_sort = jax.jit(functools.partial(process_logits, method="sort"))
     for vocab in (int(v) for v in a.vocab.split(",")):
         r = np.random.default_rng(vocab)
         logits = (r.standard_normal((a.rows, vocab)) * 3).astype(np.float32)

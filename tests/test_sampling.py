@@ -8,10 +8,11 @@ import torch
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from vimar_jax.decode.sampling import process_logits, row_keys, sample, token_logprobs
+from vimar_jax.decode.sampling import (METHODS, default_method, process_logits, row_keys, sample,
+                                       token_logprobs)
 
 V = 12
-_process = jax.jit(process_logits, static_argnames="min_tokens_to_keep")
+_process = jax.jit(process_logits, static_argnames=("min_tokens_to_keep", "method"))
 _sample = jax.jit(sample)
 
 
@@ -65,10 +66,11 @@ def _cases():
     return logits, t.astype(np.float32), k.astype(np.int32), p.astype(np.float32)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("min_keep", [1, 2])
-def test_processed_distribution_equals_hf(min_keep):
+def test_processed_distribution_equals_hf(min_keep, method):
     logits, t, k, p = _cases()
-    ours = np.asarray(_process(jnp.asarray(logits), t, k, p, min_tokens_to_keep=min_keep))
+    ours = np.asarray(_process(jnp.asarray(logits), t, k, p, min_tokens_to_keep=min_keep, method=method))
     for b in range(len(logits)):
         ref = _hf_processed(logits[b], t[b], k[b], p[b], min_keep=min_keep)
         np.testing.assert_array_equal(np.isfinite(ours[b]), np.isfinite(ref), err_msg=f"row {b} kept set")
@@ -103,8 +105,9 @@ def _stable_reference_kept(logits_row, t, k, p, min_keep):
     return keep
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("min_keep", [1, 3])
-def test_kept_sets_on_random_rows_with_ties(min_keep):
+def test_kept_sets_on_random_rows_with_ties(min_keep, method):
     """200 rows of a 391-token vocabulary (the tiny world's), half of them with logits rounded to a coarse
     grid so that many values tie, with random temperatures, top-k and top-p: the kept set equals HF's on the
     rows without ties, and the stable-sort reference's (ties by token id) on all rows."""
@@ -116,7 +119,8 @@ def test_kept_sets_on_random_rows_with_ties(min_keep):
     t = r.choice([0.1, 0.5, 0.7, 1.0, 1.5], n).astype(np.float32)
     k = r.choice([0, 0, 1, 5, 40, 400], n).astype(np.int32)
     p = r.choice([1.0, 0.9, 0.5, 0.2, 0.0], n).astype(np.float32)
-    ours = np.isfinite(np.asarray(_process(jnp.asarray(logits), t, k, p, min_tokens_to_keep=min_keep)))
+    ours = np.isfinite(np.asarray(_process(jnp.asarray(logits), t, k, p, min_tokens_to_keep=min_keep,
+                                           method=method)))
     for b in range(n):
         ref = _stable_reference_kept(logits[b], t[b], k[b], p[b], min_keep)
         np.testing.assert_array_equal(ours[b], ref, err_msg=f"row {b}: t={t[b]} k={k[b]} p={p[b]}")
@@ -195,6 +199,17 @@ def test_each_row_alone_is_processed_as_in_the_batch():
     for b in range(len(logits)):
         alone = np.asarray(_process(jnp.asarray(logits[b:b + 1]), t[b:b + 1], k[b:b + 1], p[b:b + 1]))
         np.testing.assert_array_equal(alone[0], batch[b], err_msg=f"row {b}")
+
+
+def test_methods_draw_the_same_tokens_and_the_default_follows_the_backend():
+    logits, t, k, p = _cases()
+    keys = row_keys(jax.random.key(2), jnp.arange(len(logits)))
+    draws = [np.asarray(jax.jit(sample, static_argnames="method")(jnp.asarray(logits), keys, t, k, p,
+                                                                  method=m)[0]) for m in METHODS]
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert default_method() == ("sort" if jax.default_backend() == "gpu" else "search")
+    with pytest.raises(ValueError, match="method='radix'"):
+        process_logits(jnp.zeros((1, V)), jnp.ones(1), jnp.zeros(1, jnp.int32), jnp.ones(1), method="radix")
 
 
 def test_bad_shapes_raise():

@@ -16,10 +16,12 @@ so rows with different settings share one compiled function. Semantics, row by r
   `p` (HF rounds the float64 `1 - p`): the two differ only for a cumulative probability within a float32
   ulp of the cut.
 
-Nothing is sorted (a sort of a [B, V] row costs most of a small model's decode step on a CPU): the k-th
-largest value and the top-p cut are found per row by a 32-step bisection over the float32 values' bit
-patterns (masked counts and sums over the vocabulary), and the tie group straddling a cut is split by
-token id with one cumsum; each search is skipped when no row of the batch uses its filter.
+Two ways to the same cuts (`method`): "sort", one stable ascending argsort per row, and "search", no sort
+(on a CPU, XLA's sort of a [B, V] row cost most of a small model's decode step): the k-th largest value and
+the top-p cut are found per row by a 32-step bisection over the float32 values' bit patterns (masked counts
+and sums over the vocabulary), and the tie group straddling a cut is split by token id with one cumsum;
+each search is skipped when no row of the batch uses its filter. A GPU sorts fast and would wait on the
+device at each of the search's loop steps and branches, so the default is "sort" there, "search" elsewhere.
 
 Removed tokens get logit `-inf`. Sampling draws from `softmax(processed)` with `jax.random.categorical`
 (Gumbel-max), one key per row; `row_keys(key, row_ids)` derives them with `jax.random.fold_in`, so a
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -jnp.inf
+METHODS = ("search", "sort")      # how `process_logits` finds the top-k and top-p cuts (same results)
 
 
 def row_keys(key: jax.Array, row_ids: jax.Array) -> jax.Array:
@@ -49,12 +52,17 @@ def _check(logits, temperature, top_k, top_p):
 
 
 def process_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
-                   min_tokens_to_keep: int = 1) -> jax.Array:
+                   min_tokens_to_keep: int = 1, method: str | None = None) -> jax.Array:
     """Processed float32 logits [B, V]: removed tokens are `-inf`; a greedy row is 0 at its argmax.
 
-    `softmax` of the result is the distribution a row samples from.
+    `softmax` of the result is the distribution a row samples from. `method` (static): "search" (bisection,
+    no sort) or "sort" (one stable argsort per row); both give the same result; None picks "sort" on a GPU
+    (a fast sort, and its loops and branches would each wait on the device) and "search" elsewhere.
     """
     _check(logits, temperature, top_k, top_p)
+    method = default_method() if method is None else method
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {METHODS}")
     logits = logits.astype(jnp.float32)
     v = logits.shape[-1]
     temperature = jnp.asarray(temperature, jnp.float32)[:, None]
@@ -63,9 +71,34 @@ def process_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, 
 
     greedy = temperature == 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)
-
-    # Top-k: remove what is below the k-th largest value (ties with it are all kept).
     k = jnp.where(top_k > 0, jnp.clip(top_k, min_tokens_to_keep, v), v)
+    processed = (_sorted_filters if method == "sort" else _searched_filters)(scaled, k, top_p, min_tokens_to_keep)
+    point_mass = jnp.where(jnp.arange(v) == jnp.argmax(logits, axis=-1)[:, None], 0.0, NEG_INF)
+    return jnp.where(greedy, point_mass, processed)
+
+
+def default_method() -> str:
+    """The `process_logits` method for the default backend: "sort" on a GPU, "search" elsewhere."""
+    return "sort" if jax.default_backend() == "gpu" else "search"
+
+
+def _sorted_filters(scaled, k, top_p, min_tokens_to_keep):
+    """Top-k then top-p with one stable ascending sort per row: top-k removes a prefix of it (values below
+    the k-th largest) and leaves the order of the survivors, which is the order top-p cuts in."""
+    v = scaled.shape[-1]
+    order = jnp.argsort(scaled, axis=-1, stable=True)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    removed = ranked < jnp.take_along_axis(ranked, v - k, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(jnp.where(removed, NEG_INF, ranked), axis=-1), axis=-1)
+    keep_tail = jnp.arange(v) >= v - min_tokens_to_keep
+    removed |= (cum <= 1.0 - top_p) & (top_p < 1.0) & ~keep_tail
+    rows = jnp.arange(scaled.shape[0])[:, None]
+    return jnp.zeros_like(scaled).at[rows, order].set(jnp.where(removed, NEG_INF, ranked))
+
+
+def _searched_filters(scaled, k, top_p, min_tokens_to_keep):
+    """Top-k then top-p without sorting (module docstring); each search is skipped when no row uses it."""
+    v = scaled.shape[-1]
     key = _order_key(scaled)
     kth = jax.lax.cond(jnp.any(k < v),      # no row filters: skip the search
                        lambda: _largest(lambda t: jnp.sum(key >= t, axis=-1, keepdims=True) >= k, key.shape[0]),
@@ -75,9 +108,7 @@ def process_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, 
     removed |= jax.lax.cond(jnp.any(top_p < 1.0),      # no row filters: skip the search
                             lambda: _top_p_removed(scaled, removed, top_p, min_tokens_to_keep),
                             lambda: jnp.zeros_like(removed))
-    processed = jnp.where(removed, NEG_INF, scaled)
-    point_mass = jnp.where(jnp.arange(v) == jnp.argmax(logits, axis=-1)[:, None], 0.0, NEG_INF)
-    return jnp.where(greedy, point_mass, processed)
+    return jnp.where(removed, NEG_INF, scaled)
 
 
 def _top_p_removed(scaled, removed, top_p, min_tokens_to_keep):
@@ -130,14 +161,15 @@ def _top_tokens(key: jax.Array, m: int) -> jax.Array:
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-           *, min_tokens_to_keep: int = 1) -> tuple[jax.Array, jax.Array]:
+           *, min_tokens_to_keep: int = 1, method: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Draw one token per row. `keys`: one key per row (see `row_keys`).
 
     Returns `(tokens [B] int32, logprobs [B] float32)`, the log-probability of each chosen token under the
     row's *processed* distribution (0 for greedy rows). The raw model log-probability is
     `token_logprobs(logits, tokens)`.
     """
-    processed = process_logits(logits, temperature, top_k, top_p, min_tokens_to_keep=min_tokens_to_keep)
+    processed = process_logits(logits, temperature, top_k, top_p, min_tokens_to_keep=min_tokens_to_keep,
+                               method=method)
     if jnp.shape(keys)[0] != logits.shape[0]:
         raise ValueError(f"need one key per row: {logits.shape[0]} rows, keys of shape {jnp.shape(keys)}")
     drawn = jax.vmap(jax.random.categorical)(keys, processed).astype(jnp.int32)
