@@ -12,7 +12,8 @@ a sort and vs HF's warpers, same logits.
 The JAX contenders run `--steps` sampling steps inside one jitted `fori_loop` (as in the decode loop, no
 dispatch per step); HF runs them from Python, as `generate` does. Milliseconds per step, median of
 `--repeats` rounds taken in turns. The kept sets of ours and the sort are compared on every row (they must
-agree: ties are split by token id in both), and the tokens drawn too (the same keys and Gumbel draws).
+agree: ties are split by token id in both), and the tokens drawn too: one step's tokens on every row with
+the same keys, and the loops' token sums.
 Vocabulary 391 is the tiny world's, 32,000 Mistral's; top-p 0.9 and the temperatures of the searches.
 """
 
@@ -30,19 +31,15 @@ import numpy as np  # noqa: E402
 from vimar_jax.decode.sampling import process_logits, row_keys, sample  # noqa: E402
 
 
-def sort_sample(logits, keys, temperature, top_k, top_p):
-    return sample(logits, keys, temperature, top_k, top_p, method="sort")[0]
-
-
-def looped(fn, steps: int):
-    """`steps` sampling steps in one jitted loop; each step's logits are shifted by the last draw so the
-    steps cannot be hoisted or merged."""
+def looped(method: str, steps: int):
+    """`steps` sampling steps of `sample(method=...)` in one jitted loop; each step's logits are shifted by
+    the last draw so the steps cannot be hoisted or merged. Returns the sum of the drawn tokens."""
     @jax.jit
     def run(logits, temperature, top_k, top_p):
         def body(i, carry):
             total, shift = carry
             keys = row_keys(jax.random.fold_in(jax.random.key(0), i), jnp.arange(logits.shape[0]))
-            tok = fn(logits + shift, keys, temperature, top_k, top_p)
+            tok = sample(logits + shift, keys, temperature, top_k, top_p, method=method)[0]
             return total + tok.sum(), (tok[:1] % 3).astype(jnp.float32) * 1e-3
         return jax.lax.fori_loop(0, steps, body, (jnp.int32(0), jnp.zeros((1,), jnp.float32)))[0]
     return run
@@ -72,10 +69,10 @@ def main(argv=None) -> int:
     print(machine_line())
     table = Table(f"One sampling step, {a.rows} rows, top-p {a.top_p}, temperatures 0.1-0.9 (ms per step)",
                   ("figure", "ours", "sort", "ours vs sort", "HF", "ours vs HF", "note"))
-    ours_run = looped(lambda *x: sample(*x, method="search")[0], a.steps)
-    sort_run = looped(sort_sample, a.steps)
-    check_process = jax.jit(functools.partial(process_logits, method="search"))
-    check_sort = jax.jit(functools.partial(process_logits, method="sort"))
+    methods = ("search", "sort")                                      # ours, the alternative
+    runs = {m: looped(m, a.steps) for m in methods}
+    process = {m: jax.jit(functools.partial(process_logits, method=m)) for m in methods}
+    one_step = {m: jax.jit(functools.partial(sample, method=m)) for m in methods}
     for vocab in (int(v) for v in a.vocab.split(",")):
         r = np.random.default_rng(vocab)
         logits = (r.standard_normal((a.rows, vocab)) * 3).astype(np.float32)
@@ -84,14 +81,16 @@ def main(argv=None) -> int:
         top_k = np.zeros(a.rows, np.int32)
         top_p = np.full(a.rows, a.top_p, np.float32)
         args = tuple(jnp.asarray(x) for x in (logits, temperature, top_k, top_p))
-        kept = np.isfinite(np.asarray(check_process(*args)))
-        same_sets = int((kept == np.isfinite(np.asarray(check_sort(*args)))).all(-1).sum())
-        same_draws = bool(ours_run(*args) == sort_run(*args))
+        kept, kept_sort = (np.isfinite(np.asarray(process[m](*args))) for m in methods)
+        same_sets = int((kept == kept_sort).all(-1).sum())
+        keys = row_keys(jax.random.key(1), jnp.arange(a.rows))
+        drawn = [np.asarray(one_step[m](args[0], keys, *args[1:])[0]) for m in methods]
+        same_draws = bool((drawn[0] == drawn[1]).all()) and bool(runs["search"](*args) == runs["sort"](*args))
         t_logits = torch.tensor(logits)
         t_temp = torch.tensor(temperature)[:, None]
         warpers = [TopPLogitsWarper(a.top_p)]
         hf = lambda: [hf_step(torch, warpers, t_logits, t_temp) for _ in range(a.steps)]  # noqa: E731
-        t_ours, t_sort, t_hf = median_times([lambda: ours_run(*args), lambda: sort_run(*args), hf],
+        t_ours, t_sort, t_hf = median_times([lambda: runs["search"](*args), lambda: runs["sort"](*args), hf],
                                             repeats=a.repeats)
         ms = lambda t: 1000 * t / a.steps  # noqa: E731
         table.add(f"vocab {vocab:,}", fmt(ms(t_ours), 3), fmt(ms(t_sort), 3), ratio(t_sort, t_ours),
