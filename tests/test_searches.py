@@ -26,6 +26,8 @@ from tests.helpers import max_rel_err
 from tests.test_generate import images, make_policy_dir
 from vimar_jax.data import clip_data
 from vimar_jax.data.packing import StateTemplate
+from vimar_jax.decode.generate import pow2_bucket
+from vimar_jax.decode.policy import MIN_EXTENSION, LlavaPolicy
 from vimar_jax.decode.sampler import count_compiles
 from vimar_jax.decode.scorers import ValueScorer, _pack_first_fit, render_state, theta_default
 from vimar_jax.decode.search import METHODS, SearchConfig
@@ -264,6 +266,30 @@ def test_policy_greedy_and_prefix_continuation_equal_hf():
                 assert all(t == want for t in more.tokens)
 
 
+def test_policy_row_and_extension_buckets_do_not_change_samples():
+    """Each call's own row count and extension size (the default) samples what a fixed 8-row, 128-slot
+    policy samples: a row's draws do not depend on its neighbours, and empty slots are masked out."""
+    sized = engine().policy
+    fixed = LlavaPolicy(sized.vlm, slots=8, caption_slots=128)
+    image = images([HW[3]])[0]
+    a, b = sized.begin(image, PROMPTS[0]), fixed.begin(image, PROMPTS[0])
+    caption = sized.sample(a, [], [0.0], max_new_tokens=32, seed=0).tokens[0]
+    checked = 0
+    for prefix in ([], caption[:3], caption[:20]):
+        for temps, stop in (([0.0], "eos"), ([0.5, 1.0, 1.0, 0.7], "sentence"), ([1.0] * 3, "eos")):
+            for seed in (0, 1):
+                x = sized.sample(a, prefix, temps, stop=stop, max_new_tokens=24, seed=seed, top_p=0.9)
+                y = fixed.sample(b, prefix, temps, stop=stop, max_new_tokens=24, seed=seed, top_p=0.9)
+                assert (x.tokens, x.ended, x.decoded) == (y.tokens, y.ended, y.decoded), (prefix, temps, seed)
+                checked += sum(map(len, x.tokens)) > 0
+    assert checked >= 12
+    assert {(r, e) for r, _, e in sized.shapes["decode"]} == {(1, 64 + 32), (4, 64 + 32)}, sized.shapes
+    assert {(r, e) for r, _, e in fixed.shapes["decode"]} == {(8, 64 + 128)}, fixed.shapes
+    for bad in (dict(slots=0), dict(caption_slots=-4)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LlavaPolicy(sized.vlm, **bad)
+
+
 def test_policy_sentence_samples_are_first_sentences():
     """stop="sentence" rows are the first sentence of the stop="eos" rows with the same draws."""
     policy = engine().policy
@@ -300,11 +326,16 @@ def test_every_method_on_many_images_compiles_once_per_bucket():
                               ("_decode_impl", "decode", policy), ("_value_prefill", "prefill", scorer),
                               ("_value_score", "score", scorer)):
         assert 1 <= len(owner.shapes[kind]) and counts[name] <= len(owner.shapes[kind]), (name, counts)
-    # Few buckets: one prompt bucket, two token buffers (caption, sentence) per caption-slot size (which
-    # doubles from max_new_tokens when a longer prefix comes), a power-of-two extension width each.
+    # Few buckets: one prompt bucket; each call extends it by a power of two >= MIN_EXTENSION that holds the
+    # caption prefix, and decodes its rows as a power of two (1 for greedy, 4 for the N.K = 4 candidates)
+    # with one of two token buffers (caption, sentence) against the prompt + that extension.
+    (bucket,) = policy.shapes["prefill"]
     sizes = {slots for _, _, slots in policy.shapes["extend"]}
-    assert len(policy.shapes["prefill"]) == 1 and len(sizes) <= 3, policy.shapes
-    assert len(policy.shapes["decode"]) <= 2 * len(sizes) and len(policy.shapes["extend"]) <= 6, policy.shapes
+    assert all(s >= MIN_EXTENSION and s == pow2_bucket(s) for s in sizes) and len(sizes) <= 3, policy.shapes
+    assert {w <= s for _, w, s in policy.shapes["extend"]} == {True}, policy.shapes
+    assert {rows for rows, _, _ in policy.shapes["decode"]} == {1, 4}, policy.shapes
+    assert {length - bucket for _, _, length in policy.shapes["decode"]} <= sizes, policy.shapes
+    assert len(policy.shapes["decode"]) <= 2 * 2 * len(sizes) and len(policy.shapes["extend"]) <= 6, policy.shapes
     assert len(scorer.shapes["prefill"]) == 1 and len(scorer.shapes["score"]) <= 6, scorer.shapes
 
     # More images: no new compilation except for shape buckets not seen before.

@@ -52,17 +52,17 @@ def _dtype(dtype) -> Any:
     return dtype
 
 
-def load_policy(arg=None, *, dtype="float32", config: SearchConfig = SearchConfig(), prompt_template=None):
-    """A `LlavaPolicy` from a directory / `VLM` / `LlavaPolicy` (None: the tiny world's), with batch slots for
-    the config's N·K candidates and room for a caption of `max_new_tokens` after the prompt (it doubles, one
-    new decode bucket, when a longer caption prefix comes)."""
+def load_policy(arg=None, *, dtype="float32", prompt_template=None):
+    """A `LlavaPolicy` from a directory / `VLM` / `LlavaPolicy` (None: the tiny world's). Each of its calls
+    decodes the rows it samples (a power of two: 32 for N·K = 30, one for greedy) against the prompt and the
+    caption prefix (a power-of-two extension), so a search compiles a few decode shapes, not one."""
     from vimar_jax.decode.policy import LlavaPolicy
     from vimar_jax.vlm import VLM, load_vlm
 
     if isinstance(arg, LlavaPolicy):
         return arg
     vlm = arg if isinstance(arg, VLM) else load_vlm(_dir("policy", arg), dtype=_dtype(dtype))
-    return LlavaPolicy(vlm, prompt_template, slots=config.num_candidates, caption_slots=config.max_new_tokens)
+    return LlavaPolicy(vlm, prompt_template)
 
 
 def load_value_scorer(arg=None, *, dtype="float32"):
@@ -98,7 +98,7 @@ def build_engine(policy=None, value=None, clip=None, config: SearchConfig = Sear
 
     if policy is False:
         raise ValueError("every search method needs a policy")
-    pol = load_policy(policy, dtype=dtype, config=config, prompt_template=prompt_template)
+    pol = load_policy(policy, dtype=dtype, prompt_template=prompt_template)
     val = None if value is False else load_value_scorer(value, dtype=dtype)
     clp = None if clip is False else load_clip_scorer(clip, config=config)
     theta = config.theta

@@ -6,16 +6,21 @@ The prompt's last token is held back: every `sample` call runs it together with 
 call always has at least one new token and its start logits come from the same place.
 
 Per call (`sample(ctx, prefix, temperatures, ...)`):
-1. the prompt cache is extended (as a new batch-1 cache, the prompt cache stays untouched) by
-   `caption_slots` slots holding [last prompt token] + prefix, run at a power-of-two width;
+1. the prompt cache is extended (as a new batch-1 cache, the prompt cache stays untouched) by slots
+   holding [last prompt token] + prefix, run at a power-of-two width: by default just enough slots for
+   them (a power of two, at least `MIN_EXTENSION`), so every decode step of the call attends to the
+   prompt and the prefix, not to a reservation of empty slots;
 2. all candidate rows decode against that extended cache through the decoder's `prefix=` (never copied per
-   row), each with its own temperature, in a fixed number of batch slots (`slots`, unused rows get a zero
-   budget) and a power-of-two token buffer.
+   row), each with its own temperature, in a power-of-two number of batch rows (by default the call's
+   rows rounded up: a greedy call decodes one row even in a search that samples 30) and a power-of-two
+   token buffer.
 
-So the shapes of a whole search are: prompt buckets x extension widths for the extension, and
-(slots, buffer, prompt bucket + caption_slots) for the decode loop; each compiles once. `shapes` records
-the buckets used (for tests and diagnostics). `caption_slots` grows (a new bucket) only when a prefix does
-not fit.
+So the shapes of a whole search are: prompt buckets x extension widths x extension sizes for the
+extension, and (rows, buffer, prompt bucket + extension size) for the decode loop; each compiles once, and
+there are few of each (powers of two). `shapes` records the buckets used (for tests and diagnostics).
+`slots=` / `caption_slots=` fix the batch rows / the extension size instead (the earlier behaviour: one
+decode shape per buffer for a whole search, at the price of computing unused rows and empty slots at
+every step); each grows to the next power of two when a call does not fit.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from vimar_jax.decode.search import Samples
 from vimar_jax.models.decoder import KVCache
 
 STOPS = ("eos", "sentence")
+MIN_EXTENSION = 32          # smallest extension of the prompt cache per call (slots)
 
 
 @dataclasses.dataclass
@@ -48,11 +54,14 @@ class LlavaPolicy:
 
     `prompt_template`: None = the checkpoint's chat template with a user turn [image, prompt] and the
     generation prompt; else a string with `<image>` (the processor's image token) and `{prompt}`.
-    `slots`: batch rows of every decode (default: the largest number of candidates asked for so far, as a
-    power of two); `caption_slots`: positions reserved after the prompt for caption prefixes."""
+    `slots`: None (default) = each call decodes its rows rounded up to a power of two; an int = every call
+    decodes at least that many rows (a fixed batch shape), more (a power of two) when it asks for more.
+    `caption_slots`: None (default) = each call extends the prompt cache by just enough slots for the
+    caption prefix (a power of two >= `MIN_EXTENSION`); an int = a fixed reservation after the prompt for
+    caption prefixes, doubled when a prefix does not fit."""
 
     def __init__(self, vlm, prompt_template: str | None = None, *, slots: int | None = None,
-                 caption_slots: int = 256):
+                 caption_slots: int | None = None):
         if getattr(vlm, "path", None) is None:
             raise ValueError("LlavaPolicy needs a VLM loaded from a directory (tokenizer and processor files)")
         self.vlm = vlm
@@ -64,8 +73,12 @@ class LlavaPolicy:
             if prompt_template.count(image) != 1 or "{prompt}" not in prompt_template:
                 raise ValueError(f"prompt_template must hold {image!r} once and '{{prompt}}', got {prompt_template!r}")
         self.prompt_template = prompt_template
-        self.slots = None if slots is None else int(slots)
-        self.caption_slots = pow2_bucket(caption_slots, MIN_BUFFER)
+        if slots is not None and int(slots) < 1:
+            raise ValueError(f"slots must be >= 1 (or None), got {slots}")
+        if caption_slots is not None and int(caption_slots) < 1:
+            raise ValueError(f"caption_slots must be >= 1 (or None), got {caption_slots}")
+        self.slots = None if slots is None else pow2_bucket(slots)
+        self.caption_slots = None if caption_slots is None else pow2_bucket(caption_slots, MIN_BUFFER)
         self.shapes: dict[str, set] = {"prefill": set(), "extend": set(), "decode": set()}
 
     # ---- Policy protocol ----
@@ -100,15 +113,17 @@ class LlavaPolicy:
             raise ValueError("sample needs at least one temperature (one row)")
         if budget < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if self.slots is None or rows > self.slots:
-            self.slots = max(self.slots or 0, pow2_bucket(rows))
-        slots = self.slots
+        slots = pow2_bucket(rows) if self.slots is None else max(self.slots, pow2_bucket(rows))
         ext = [ctx.last_token, *map(int, prefix)]
-        while len(ext) > self.caption_slots:
-            self.caption_slots *= 2
-        start, cache = self.rt.extend(ctx.cache, ext, ctx.length - 1, slots=self.caption_slots)
-        width = min(pow2_bucket(len(ext), 16), self.caption_slots)
-        self.shapes["extend"].add((ctx.cache.max_len, width, self.caption_slots))
+        if self.caption_slots is None:
+            extension = pow2_bucket(len(ext), MIN_EXTENSION)
+        else:
+            while len(ext) > self.caption_slots:
+                self.caption_slots *= 2
+            extension = self.caption_slots
+        start, cache = self.rt.extend(ctx.cache, ext, ctx.length - 1, slots=extension)
+        width = min(pow2_bucket(len(ext), 16), extension)
+        self.shapes["extend"].add((ctx.cache.max_len, width, extension))
         buffer = pow2_bucket(budget, MIN_BUFFER)
         pad = slots - rows
         settings = Settings.make(slots, temperature=np.pad(temps, (0, pad)), top_k=int(top_k), top_p=float(top_p),
