@@ -29,7 +29,7 @@ from vimar_jax.data.packing import StateTemplate
 from vimar_jax.decode.generate import pow2_bucket
 from vimar_jax.decode.policy import MIN_EXTENSION, LlavaPolicy
 from vimar_jax.decode.sampler import count_compiles
-from vimar_jax.decode.scorers import ValueScorer, _pack_first_fit, render_state, theta_default
+from vimar_jax.decode.scorers import ValueScorer, _pack_first_fit, render_state, row_bucket, theta_default
 from vimar_jax.decode.search import METHODS, SearchConfig
 from vimar_jax.pipeline import build_engine
 from vimar_jax.vlm import load_value, load_vlm
@@ -141,28 +141,42 @@ def test_value_scores_equal_whole_states_alone():
 
 
 def test_engine_scores_a_steps_candidates_in_the_rows_they_fill(monkeypatch):
-    """The engine's value scorer packs a step's N·K candidate states several to a row and runs as many rows as
-    they fill (a power of two), not one row per candidate: 32 rows for 30 short states made every value-guided
-    step several times the work (and VisVM's timings with it). The values do not depend on the rows."""
+    """The engine's value scorer packs a step's N·K candidate states several to a row, values each distinct
+    state once, and runs as many rows as they fill (`row_bucket`), not one row per candidate: 32 rows for 30
+    short states made every value-guided step several times the work (and VisVM's timings with it). The
+    values do not depend on the rows, and a repeated state gets its one value."""
     from vimar_jax.decode import scorers
-    from vimar_jax.decode.generate import pow2_bucket
 
     small = engine()
     eng = build_engine(policy=small.policy, value=small.value.value, clip=False, config=SearchConfig())
     scorer = eng.value
     assert eng.cfg.num_candidates == 30
     ctx = scorer.begin(images([HW[1]])[0])
-    texts = SENTENCES * 6                                      # N·K = 30 states
+    texts = SENTENCES * 6                                      # N·K = 30 states, 5 distinct
     seen = []
     real = scorers._value_score
     monkeypatch.setattr(scorers, "_value_score", lambda g, p, tokens, *a: seen.append(tokens.shape) or
                         real(g, p, tokens, *a))
     got = scorer.score(ctx, texts)
-    filled = len(_pack_first_fit([len(scorer.suffix(ctx, t)) for t in texts], scorer.min_width))
-    assert seen == [(pow2_bucket(filled, 4), scorer.min_width)] and pow2_bucket(filled, 4) <= 8, (seen, filled)
+    filled = len(_pack_first_fit([len(scorer.suffix(ctx, t)) for t in SENTENCES], scorer.min_width))
+    assert seen == [(row_bucket(filled, 4), scorer.min_width)] and row_bucket(filled, 4) == 4, (seen, filled)
+    assert (got.reshape(6, len(SENTENCES)) == got[:len(SENTENCES)]).all()
     wide = ValueScorer(scorer.value, min_rows=32)              # the old padding: the same values
     np.testing.assert_allclose(wide.score(wide.begin(images([HW[1]])[0]), texts), got, rtol=0,
                                atol=1e-5 * np.abs(got).max())
+    # 40 distinct states (one word each, many to a row) against each valued alone.
+    many = [f"{w} {k}." for k in range(8) for w in ("Red", "Blue", "Two", "Stars", "Left")]
+    seen.clear()
+    one_by_one = np.concatenate([scorer.score(ctx, [t]) for t in many])
+    np.testing.assert_allclose(scorer.score(ctx, many + many[::-1]), np.r_[one_by_one, one_by_one[::-1]],
+                               rtol=0, atol=1e-5 * np.abs(one_by_one).max())
+    assert seen[-1][0] == row_bucket(len(_pack_first_fit([len(scorer.suffix(ctx, t)) for t in many],
+                                                         scorer.min_width)), 4)
+
+
+def test_row_bucket_powers_of_two_then_multiples_of_eight():
+    assert [row_bucket(n, 4) for n in (1, 4, 5, 8, 9, 16, 17, 24, 25, 33)] == [4, 4, 8, 8, 16, 16, 24, 24, 32, 40]
+    assert [row_bucket(n) for n in (0, 1, 2, 3)] == [1, 1, 2, 4]
 
 
 def test_pack_first_fit_longest_first_into_the_first_row_with_room():

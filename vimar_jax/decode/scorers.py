@@ -15,7 +15,8 @@ trainer renders it (`vimar_jax.data.packing.StateTemplate`), and valued at its l
 once (batch 1): that boundary is the same for every state of the image, whatever follows. `score` tokenizes
 each *whole* state (with one `<image>` token: special tokens split tokenization, so this equals tokenizing
 the expanded text), checks that the tokens before the image are the cached ones, and values all states in
-one batched forward of their suffixes (every token after the image) against the cached prefix. Suffixes are
+one batched forward of their suffixes (every token after the image) against the cached prefix, each distinct
+suffix once (candidates often repeat a sentence). Suffixes are
 packed several to a row as the value trainer packs them (`vimar_jax.data.packing.pack_row`): segment ids
 1..m within a row (-1 = padding), each suffix's positions restarting at the prefix length, its value read at
 its last token. The decoder's attention with a `prefix=` cache (and no per-row cache) takes `segment_ids`:
@@ -97,9 +98,11 @@ class ValueScorer:
     `state`: "sentence" | "prefix" (default: the checkpoint's `vimar_value.state`); `prompt`: the detail
     prompt of prefix states (`begin(image, prompt=...)` overrides it per image). States are packed
     first-fit (longest first) into rows of `min_width` tokens (the next power of two >= the longest suffix
-    when that is more), a power of two >= `min_rows` of rows per call: as many as the states fill, so the N·K
-    candidates of a search step (about 20 tokens each in the tiny world) are one call of 4 rows. A call of 4
-    rows costs about what one row does on a CPU, and the floor keeps the compiled shapes few."""
+    when that is more), as many rows as the states fill, rounded up by `row_bucket` (a power of two >=
+    `min_rows` up to 8, then a multiple of 8): so the N·K candidates of a search step (about 12 tokens each
+    in the tiny world) are one call of 4 rows, and ViMaR's Stage 1 (~200 states) one of 16 or 24 rather than
+    32. States whose tokens are identical (the same sentence in several candidates, for sentence states) are
+    valued once: a call costs about its rows times the row width on a CPU, padding included."""
 
     def __init__(self, value, *, state: str | None = None, prompt: str = DEFAULT_PROMPT, min_rows: int = 4,
                  min_width: int = 128):
@@ -181,16 +184,21 @@ class ValueScorer:
     def score(self, ctx: ValueContext, sentences: Sequence[str],
               previous: Sequence[Sequence[str]] | None = None) -> np.ndarray:
         """Values [n] float32 of the states of `sentences` (with `previous[j]`, the caption before sentence j,
-        for prefix states), in one batched pass against the cached image prefix."""
+        for prefix states), in one batched pass against the cached image prefix; states with the same tokens
+        are valued once and share that value."""
         n = len(sentences)
         if n == 0:
             return np.zeros((0,), np.float32)
         if previous is not None and len(previous) != n:
             raise ValueError(f"previous has {len(previous)} entries for {n} sentences")
-        suffixes = [self.suffix(ctx, s, () if previous is None else previous[j]) for j, s in enumerate(sentences)]
+        unique: dict[tuple[int, ...], int] = {}       # a state's tokens -> its index among the distinct ones
+        owner = np.asarray([unique.setdefault(tuple(self.suffix(ctx, s, () if previous is None else previous[j])),
+                                              len(unique)) for j, s in enumerate(sentences)], np.int64)
+        suffixes = list(unique)
+        n = len(suffixes)
         width = pow2_bucket(max(len(s) for s in suffixes), self.min_width)
         packed = _pack_first_fit([len(s) for s in suffixes], width)
-        rows = pow2_bucket(len(packed), self.min_rows)
+        rows = row_bucket(len(packed), self.min_rows)
         tokens = np.full((rows, width), int(self.value.pad_token_id), np.int32)
         positions = np.full((rows, width), ctx.length, np.int32)
         segments = np.full((rows, width), -1, np.int32)
@@ -209,7 +217,14 @@ class ValueScorer:
         self.shapes["score"].add((rows, width, ctx.cache.max_len))
         out = _value_score(self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(positions),
                            jnp.asarray(segments), ctx.cache, jnp.asarray(last))
-        return np.asarray(out, np.float32)[where[:, 0], where[:, 1]]
+        return np.asarray(out, np.float32)[where[:, 0], where[:, 1]][owner]
+
+
+def row_bucket(n: int, minimum: int = 1) -> int:
+    """Rows of a value-scoring call for n packed rows: a power of two >= max(n, minimum) up to 8, then the
+    next multiple of 8 (a call's cost grows with its rows, and multiples of 8 keep the shapes few)."""
+    n = max(int(n), int(minimum), 1)
+    return pow2_bucket(n) if n <= 8 else -(-n // 8) * 8
 
 
 def _pack_first_fit(lengths: Sequence[int], width: int) -> list[list[int]]:
@@ -295,5 +310,5 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-__all__ = ["ValueScorer", "ValueContext", "ClipScorer", "render_state", "theta_default", "STATES",
+__all__ = ["ValueScorer", "ValueContext", "ClipScorer", "render_state", "theta_default", "row_bucket", "STATES",
            "DEFAULT_PROMPT", "DEFAULT_THETA_PERCENTILE"]
