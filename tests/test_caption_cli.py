@@ -85,7 +85,8 @@ def test_missing_models_and_theta_are_clear_errors(tmp_path, capsys, monkeypatch
 
 SEARCH_FLAGS = ["--temperatures", "0.2, 0.6", "-k", "3", "--top-p", "0.8", "--theta", "0.1", "--stage2", "append_only",
                 "--caption-score", "min", "--bon-scorer", "value", "--max-new-tokens", "40", "--sentence-max-tokens",
-                "12", "--max-sentences", "5", "--max-refine", "3", "--max-append", "0", "--drop-below", "-1.5"]
+                "12", "--max-sentences", "5", "--max-refine", "3", "--max-append", "0", "--drop-below", "-1.5",
+                "--compact-decode"]
 
 
 def test_caption_eval_and_demo_share_the_search_flags():
@@ -96,7 +97,8 @@ def test_caption_eval_and_demo_share_the_search_flags():
 
     want = SearchConfig(temperatures=(0.2, 0.6), samples_per_temperature=3, top_p=0.8, theta=0.1,
                         stage2="append_only", caption_score="min", bon_scorer="value", max_new_tokens=40,
-                        sentence_max_tokens=12, max_sentences=5, max_refine=3, max_append=0, drop_below=-1.5, seed=7)
+                        sentence_max_tokens=12, max_sentences=5, max_refine=3, max_append=0, drop_below=-1.5, seed=7,
+                        compact_decode=True)
     parser = build_parser()
     for argv in (["caption", "a.png", "--seed", "7"], ["eval", "--n", "2", "--seed", "1003", "--search-seed", "7"],
                  ["demo", "--seed", "1003", "--search-seed", "7"]):

@@ -13,7 +13,8 @@ from transformers import MistralConfig, MistralForCausalLM
 
 from vimar_jax.convert import spec
 from vimar_jax import text
-from vimar_jax.decode.sampler import Finish, SentenceRule, Settings, count_compiles, decoder_sampler
+from vimar_jax.decode.sampler import (Finish, SentenceRule, Settings, compaction_sizes, count_compiles,
+                                      decoder_sampler)
 from vimar_jax.models.decoder import Decoder, DecoderConfig, KVCache, decoder_rules
 
 VOCAB = 61
@@ -287,3 +288,78 @@ def test_bad_arguments_raise():
         Settings.make(3, max_new_tokens=4, eos_ids=range(9))
     with pytest.raises(ValueError, match="batch-1"):
         start.broadcast(4)
+
+
+def _same_decode(a, b, *, atol=1e-5):
+    for name in ("tokens", "lengths", "reason", "boundaries", "num_sentences"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), err_msg=name)
+    for name in ("logprobs", "raw_logprobs"):
+        np.testing.assert_allclose(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), atol=atol, err_msg=name)
+    np.testing.assert_allclose(np.asarray(a.start.logits), np.asarray(b.start.logits), atol=1e-4)
+    for name in ("positions", "last_token", "cache_index"):
+        np.testing.assert_array_equal(np.asarray(getattr(a.start, name)), np.asarray(getattr(b.start, name)))
+    pos = np.asarray(a.cache.pos)
+    np.testing.assert_array_equal(pos, np.asarray(b.cache.pos))
+    filled = pos >= 0                                           # empty slots hold whatever was written there
+    np.testing.assert_allclose(np.asarray(a.cache.k)[:, filled], np.asarray(b.cache.k)[:, filled], atol=atol)
+    np.testing.assert_allclose(np.asarray(a.cache.v)[:, filled], np.asarray(b.cache.v)[:, filled], atol=atol)
+
+
+def test_compaction_samples_what_the_full_batch_samples():
+    """Rows stopping at different steps (budgets 1..N, sentence stops, EOS): a compacted decode (16 -> 8 -> 4
+    rows as rows stop) gives every row the tokens, log-probs, stops, sentence ends, next start and filled
+    cache slots of the full-batch decode, with a shared prefix and with per-row prompts, and resuming from
+    either continues the same."""
+    smp, params = sampler()
+    cfg = world()[2]
+    assert compaction_sizes(16) == (8, 4) and compaction_sizes(8) == (4,) and compaction_sizes(7) == ()
+    B = 16
+    settings = Settings.make(B, temperature=np.linspace(0.3, 1.5, B), top_p=0.95,
+                             max_new_tokens=np.arange(B) % N + 1, stop_after_sentences=np.arange(B) % 3 == 0,
+                             eos_ids=[int(world()[3][0, 5])])
+    tokens, lengths = padded([PROMPTS[1]])
+
+    def shared(compact):
+        start, prefix = smp.prefill(params, tokens, lengths, KVCache.init(cfg, 1, BUCKET))
+        return smp.decode(params, start.broadcast(B), KVCache.init(cfg, B, 2 * N), settings, jax.random.key(3),
+                          buffer_size=N, prefix=prefix, compact=compact), prefix
+
+    (full, prefix), (comp, _) = shared(False), shared(True)
+    _same_decode(full, comp)
+    lengths_ = np.asarray(full.lengths)
+    assert len(set(lengths_.tolist())) >= 6 and (np.asarray(full.reason) == Finish.SENTENCE).any()
+    more = Settings.make(B, temperature=1.0, max_new_tokens=N)
+    _same_decode(smp.decode(params, full.start, full.cache, more, jax.random.key(4), buffer_size=N, prefix=prefix),
+                 smp.decode(params, comp.start, comp.cache, more, jax.random.key(4), buffer_size=N, prefix=prefix,
+                            compact=True))
+
+    prompts = (PROMPTS * 3)[:8]                                # per-row prompt caches: 8 -> 4 rows
+    eight = Settings.make(8, temperature=0.8, max_new_tokens=np.arange(8) + 2)
+    runs = []
+    for compact in (False, True):
+        ptoks, plens = padded(prompts)
+        start, cache = smp.prefill(params, ptoks, plens, KVCache.init(cfg, 8, BUCKET + N))
+        runs.append(smp.decode(params, start, cache, eight, jax.random.key(5), buffer_size=N, compact=compact))
+    _same_decode(*runs)
+
+    # The compacted program holds a loop per batch size (the plain one: one), so it did compact.
+    def loops(sizes):
+        start, prefix = smp.prefill(params, tokens, lengths, KVCache.init(cfg, 1, BUCKET))
+        rows = start.broadcast(B)
+        lowered = smp._decode.lower(params, rows, KVCache.init(cfg, B, 2 * N), settings, jax.random.key(3),
+                                    jnp.arange(B, dtype=jnp.int32), prefix, smp.rule.init(rows.last_token),
+                                    buffer_size=N, sizes=sizes)
+        return lowered.as_text().count("stablehlo.while")
+    assert loops((8, 4)) == 3 * loops(())
+
+
+def test_compaction_needs_a_cache_that_can_take_rows():
+    smp, params = sampler()
+    cfg = world()[2]
+    tokens, lengths = padded([PROMPTS[0]])
+    start, prefix = smp.prefill(params, tokens, lengths, KVCache.init(cfg, 1, BUCKET))
+    cache = KVCache.init(cfg, 8, N)
+    plain = {"k": cache.k, "v": cache.v, "pos": cache.pos}
+    with pytest.raises(TypeError, match="compact=True needs a cache with take_rows and put_rows; a dict"):
+        smp.decode(params, start.broadcast(8), plain, Settings.make(8, max_new_tokens=N), jax.random.key(0),
+                   buffer_size=N, prefix=prefix, compact=True)

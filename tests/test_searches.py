@@ -10,6 +10,7 @@ equal the value model run on each whole state alone.
 """
 
 import atexit
+import dataclasses
 import functools
 import json
 import os
@@ -387,3 +388,18 @@ def test_every_method_on_many_images_compiles_once_per_bucket():
     refined = [s for r in results.values() if r.method == "vimar" for s in r.sentences if s.refined]
     assert refined, "Stage 2 never replaced or appended a sentence"
     assert all(results[(i, "greedy")].tokens_decoded > 0 for i in range(len(HW)))
+
+
+def test_engine_with_compact_decode_samples_the_same():
+    """`SearchConfig(compact_decode=True)` reaches the policy's decode (12 candidate rows: 16 -> 8 -> 4) and
+    changes no sample (the sampler's own test compares every field)."""
+    small = engine()
+    cfg = dataclasses.replace(CFG, compact_decode=True)
+    packed = build_engine(policy=small.policy.vlm, value=False, clip=False, config=cfg).policy
+    assert packed.compact and not small.policy.compact
+    image = images([HW[0]])[0]
+    temps = np.repeat([0.3, 0.7, 1.0], 4)
+    a, b = small.policy.begin(image, PROMPTS[0]), packed.begin(image, PROMPTS[0])
+    x = small.policy.sample(a, [], temps, stop="sentence", max_new_tokens=12, seed=2, top_p=0.9)
+    y = packed.sample(b, [], temps, stop="sentence", max_new_tokens=12, seed=2, top_p=0.9)
+    assert len(set(map(len, x.tokens))) >= 3 and (x.tokens, x.ended) == (y.tokens, y.ended)

@@ -52,17 +52,19 @@ def _dtype(dtype) -> Any:
     return dtype
 
 
-def load_policy(arg=None, *, dtype="float32", prompt_template=None):
+def load_policy(arg=None, *, dtype="float32", prompt_template=None, compact: bool = False):
     """A `LlavaPolicy` from a directory / `VLM` / `LlavaPolicy` (None: the tiny world's). Each of its calls
     decodes the rows it samples (a power of two: 32 for N·K = 30, one for greedy) against the prompt and the
-    caption prefix (a power-of-two extension), so a search compiles a few decode shapes, not one."""
+    caption prefix (a power-of-two extension), so a search compiles a few decode shapes, not one. `compact`:
+    its candidate batches shrink as rows stop (`LlavaPolicy`; for long CPU runs); ignored for a given
+    `LlavaPolicy`."""
     from vimar_jax.decode.policy import LlavaPolicy
     from vimar_jax.vlm import VLM, load_vlm
 
     if isinstance(arg, LlavaPolicy):
         return arg
     vlm = arg if isinstance(arg, VLM) else load_vlm(_dir("policy", arg), dtype=_dtype(dtype))
-    return LlavaPolicy(vlm, prompt_template)
+    return LlavaPolicy(vlm, prompt_template, compact=compact)
 
 
 def load_value_scorer(arg=None, *, dtype="float32"):
@@ -98,7 +100,7 @@ def build_engine(policy=None, value=None, clip=None, config: SearchConfig = Sear
 
     if policy is False:
         raise ValueError("every search method needs a policy")
-    pol = load_policy(policy, dtype=dtype, prompt_template=prompt_template)
+    pol = load_policy(policy, dtype=dtype, prompt_template=prompt_template, compact=config.compact_decode)
     val = None if value is False else load_value_scorer(value, dtype=dtype)
     clp = None if clip is False else load_clip_scorer(clip, config=config)
     theta = config.theta

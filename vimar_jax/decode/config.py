@@ -30,6 +30,7 @@ class SearchConfig:
     drop_below: float | None = None    # drop a weak sentence with no better candidate below this value
     bon_scorer: str = "clip"           # best-of-N picks by "clip" or "value"
     seed: int = 0
+    compact_decode: bool = False       # candidate batches shrink as rows stop (CPU: faster steps, longer compiles)
 
     def __post_init__(self):
         if self.stage2 not in STAGE2_MODES:

@@ -58,10 +58,11 @@ class LlavaPolicy:
     decodes at least that many rows (a fixed batch shape), more (a power of two) when it asks for more.
     `caption_slots`: None (default) = each call extends the prompt cache by just enough slots for the
     caption prefix (a power of two >= `MIN_EXTENSION`); an int = a fixed reservation after the prompt for
-    caption prefixes, doubled when a prefix does not fit."""
+    caption prefixes, doubled when a prefix does not fit. `compact`: decode with compaction (the candidate
+    batch halves as its rows stop; `vimar_jax.decode.sampler`, "Compaction"): for long runs on a CPU."""
 
     def __init__(self, vlm, prompt_template: str | None = None, *, slots: int | None = None,
-                 caption_slots: int | None = None):
+                 caption_slots: int | None = None, compact: bool = False):
         if getattr(vlm, "path", None) is None:
             raise ValueError("LlavaPolicy needs a VLM loaded from a directory (tokenizer and processor files)")
         self.vlm = vlm
@@ -79,6 +80,7 @@ class LlavaPolicy:
             raise ValueError(f"caption_slots must be >= 1 (or None), got {caption_slots}")
         self.slots = None if slots is None else pow2_bucket(slots)
         self.caption_slots = None if caption_slots is None else pow2_bucket(caption_slots, MIN_BUFFER)
+        self.compact = bool(compact)
         self.shapes: dict[str, set] = {"prefill": set(), "extend": set(), "decode": set()}
 
     # ---- Policy protocol ----
@@ -131,7 +133,8 @@ class LlavaPolicy:
                                  stop_after_sentences=1 if stop == "sentence" else 0, eos_ids=self.rt.eos_ids)
         self.shapes["decode"].add((slots, buffer, cache.max_len))
         state = self.rt.sampler.decode(self.rt.params, start.broadcast(slots), self.rt.new_cache(slots, buffer),
-                                       settings, jax.random.key(int(seed)), buffer_size=buffer, prefix=cache)
+                                       settings, jax.random.key(int(seed)), buffer_size=buffer, prefix=cache,
+                                       compact=self.compact)
         tokens, lengths, reason = (np.asarray(x)[:rows] for x in (state.tokens, state.lengths, state.reason))
         ended = reason == Finish.EOS
         out = [row[:n - int(e)].tolist() for row, n, e in zip(tokens, lengths, ended)]

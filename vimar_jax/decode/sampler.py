@@ -35,6 +35,15 @@ state's `start` holds each row's next-token logits, position and slot: a finishe
   row runs, so a cache of `cache_index + buffer_size` slots always suffices for one call, and resuming
   needs slots beyond the returned `start.cache_index`.
 
+**Compaction** (`decode(..., compact=True)`, for long runs on a CPU). A loop step costs about its rows on a
+CPU, and a batch of candidates runs until its longest row stops. With `compact`, the loop stops once at
+most half of the rows are still going; those rows (and finished ones to fill) move to a batch of half the
+size, and so on down to `COMPACT_MIN_ROWS` (`compaction_sizes`); the results are put back in the full
+batch. Each row keeps its random stream and its step count, so it samples what it would have sampled (up
+to float rounding across batch sizes). The price: every size is another copy of the loop in the compiled
+program (about 3.5 s of compiling each for the tiny world's policy), so it pays off over many calls of the
+same shapes, not over a few. On a GPU a step costs about the same for any number of rows: leave it off.
+
 Sentence boundaries are recorded for every row in every mode: `boundaries[b, i]` is the exclusive end
 (a count of generated tokens) of sentence i, `num_sentences[b]` how many there are (it may exceed the
 array's width `max_sentences`; later ends are then not stored). Ends come from a `SentenceRule`, either
@@ -154,6 +163,13 @@ class Settings:
                         jnp.asarray(np.pad(eos, (0, MAX_EOS - eos.size), constant_values=-1)))
 
 
+    def take(self, rows: jax.Array) -> "Settings":
+        """The settings of rows `rows [R]` (the EOS set is shared)."""
+        t = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+        return Settings(t(self.temperature), t(self.top_k), t(self.top_p), t(self.max_new_tokens),
+                        t(self.stop_after_sentences), self.eos_ids)
+
+
 @flax.struct.dataclass
 class DecodeState:
     """The loop state, and the result. Generated tokens only (no prompt); `tokens[b, lengths[b]:]` = pad."""
@@ -174,6 +190,31 @@ class DecodeState:
     @property
     def cache_full(self) -> jax.Array:
         return self.reason == Finish.CACHE_FULL
+
+    def take_rows(self, rows: jax.Array) -> "DecodeState":
+        """The state of rows `rows [R]` (the cache through its `take_rows`)."""
+        t = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+        return self.replace(
+            done=t(self.done), reason=t(self.reason), tokens=t(self.tokens), lengths=t(self.lengths),
+            logprobs=t(self.logprobs), raw_logprobs=t(self.raw_logprobs), boundaries=t(self.boundaries),
+            num_sentences=t(self.num_sentences), sentence_state=jax.tree.map(t, self.sentence_state),
+            start=self.start.replace(logits=t(self.start.logits), positions=t(self.start.positions),
+                                     last_token=t(self.start.last_token)),
+            cache=self.cache.take_rows(rows))
+
+    def put_rows(self, rows: jax.Array, part: "DecodeState") -> "DecodeState":
+        """This state with rows `rows [R]` replaced by `part`'s (batch R), at `part`'s step and slot."""
+        p = lambda full, x: full.at[rows].set(x)  # noqa: E731
+        return part.replace(
+            done=p(self.done, part.done), reason=p(self.reason, part.reason), tokens=p(self.tokens, part.tokens),
+            lengths=p(self.lengths, part.lengths), logprobs=p(self.logprobs, part.logprobs),
+            raw_logprobs=p(self.raw_logprobs, part.raw_logprobs), boundaries=p(self.boundaries, part.boundaries),
+            num_sentences=p(self.num_sentences, part.num_sentences),
+            sentence_state=jax.tree.map(p, self.sentence_state, part.sentence_state),
+            start=part.start.replace(logits=p(self.start.logits, part.start.logits),
+                                     positions=p(self.start.positions, part.start.positions),
+                                     last_token=p(self.start.last_token, part.start.last_token)),
+            cache=self.cache.put_rows(rows, part.cache))
 
 
 class Sampler:
@@ -198,7 +239,7 @@ class Sampler:
         self.min_tokens_to_keep = min_tokens_to_keep
         self.pad_id = pad_id
         self._prefill = jax.jit(self._prefill_impl, donate_argnames=("cache",))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("buffer_size",), donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("buffer_size", "sizes"), donate_argnames=("cache",))
 
     # -------------------------------------------------------------------------------------- prefill
     def prefill(self, params, tokens, lengths, cache, *, cache_index=0, start_positions=0, prefix=None
@@ -230,14 +271,17 @@ class Sampler:
 
     # --------------------------------------------------------------------------------------- decode
     def decode(self, params, start: Start, cache, settings: Settings, rng: jax.Array, *, buffer_size: int,
-               prefix=None, row_ids=None, sentence_state=None) -> DecodeState:
+               prefix=None, row_ids=None, sentence_state=None, compact: bool = False) -> DecodeState:
         """Generate up to `buffer_size` tokens per row (static: the result's width). `cache` is the rows'
         own cache (donated: do not reuse the argument), `prefix` an optional shared batch-1 cache,
         `row_ids [B]` the ids folded into `rng` per row (default 0..B-1), `sentence_state` the rule's
-        state to continue from (default: the rule's fresh state)."""
+        state to continue from (default: the rule's fresh state). `compact`: run the rows still going in
+        halved batches once at most half of them are (see "Compaction" in the module docstring; the cache
+        needs `take_rows`/`put_rows`)."""
         batch = start.logits.shape[0]
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        sizes = compaction_sizes(batch) if _compacts(compact, cache, batch) else ()
         for name, x in (("positions", start.positions), ("last_token", start.last_token),
                         ("temperature", settings.temperature), ("max_new_tokens", settings.max_new_tokens)):
             if jnp.shape(x) != (batch,):
@@ -252,9 +296,10 @@ class Sampler:
         if sentence_state is None and self.rule is not None:   # outside jit: one pytree structure, one compile
             sentence_state = self.rule.init(start.last_token)
         return self._decode(params, start, cache, settings, rng, row_ids, prefix, sentence_state,
-                            buffer_size=buffer_size)
+                            buffer_size=buffer_size, sizes=sizes)
 
-    def _decode_impl(self, params, start, cache, settings, rng, row_ids, prefix, sentence_state, *, buffer_size):
+    def _decode_impl(self, params, start, cache, settings, rng, row_ids, prefix, sentence_state, *, buffer_size,
+                     sizes=()):
         batch = start.logits.shape[0]
         budget = jnp.minimum(settings.max_new_tokens, buffer_size)
         no_room = start.cache_index >= _cache_len(cache)
@@ -270,13 +315,25 @@ class Sampler:
             sentence_state=sentence_state,
             rng=rng, start=start.replace(logits=start.logits.astype(jnp.float32)), cache=cache)
 
-        def cond(s):
-            return (s.step < buffer_size) & ~jnp.all(s.done)
+        def run(s, settings, row_ids, budget, more_than=None):
+            def cond(s):
+                going = (s.step < buffer_size) & ~jnp.all(s.done)
+                return going if more_than is None else going & (jnp.sum(~s.done) > more_than)
 
-        def body(s):
-            return self._step(params, s, settings, row_ids, prefix, budget)
+            return jax.lax.while_loop(cond, lambda s: self._step(params, s, settings, row_ids, prefix, budget), s)
 
-        return jax.lax.while_loop(cond, body, state)
+        if not sizes:
+            return run(state, settings, row_ids, budget)
+        # Compaction: each phase runs until at most `size` rows are going, then carries those rows (running
+        # ones first, then finished ones to fill) into a batch of `size`; `rows` maps them to the full batch.
+        out, rows, s = None, jnp.arange(batch), state
+        for size in sizes:
+            s = run(s, settings, row_ids, budget, size)
+            out = s if out is None else out.put_rows(rows, s)
+            pick = jnp.argsort(s.done.astype(jnp.int32), stable=True)[:size]
+            s, rows = s.take_rows(pick), rows[pick]
+            settings, row_ids, budget = settings.take(pick), row_ids[pick], budget[pick]
+        return out.put_rows(rows, run(s, settings, row_ids, budget))
 
     def _step(self, params, s: DecodeState, settings: Settings, row_ids, prefix, budget) -> DecodeState:
         t, active = s.step, ~s.done
@@ -327,6 +384,24 @@ class Sampler:
     @property
     def _lookahead(self) -> bool:
         return self.rule is not None and self.rule.lookahead
+
+
+COMPACT_MIN_ROWS = 4   # compaction halves a batch down to this many rows (CPU: a step's cost ~ its rows)
+
+
+def compaction_sizes(batch: int, min_rows: int = COMPACT_MIN_ROWS) -> tuple[int, ...]:
+    """The batch sizes a compacted decode of `batch` rows moves through after the first: halves >= min_rows."""
+    sizes, size = [], batch // 2
+    while size >= min_rows:
+        sizes.append(size)
+        size //= 2
+    return tuple(sizes)
+
+
+def _compacts(compact: bool, cache, batch: int) -> bool:
+    if compact and not (hasattr(cache, "take_rows") and hasattr(cache, "put_rows")):
+        raise TypeError(f"compact=True needs a cache with take_rows and put_rows; a {type(cache).__name__} has not")
+    return bool(compact) and bool(compaction_sizes(batch))
 
 
 def _rows(mask, x):
@@ -415,4 +490,4 @@ def count_compiles() -> Iterator[collections.Counter]:
 
 
 __all__ = ["Finish", "SentenceRule", "Start", "Settings", "DecodeState", "Sampler", "decoder_step_fn",
-           "decoder_prefill_fn", "decoder_sampler", "count_compiles", "MAX_EOS"]
+           "decoder_prefill_fn", "decoder_sampler", "count_compiles", "compaction_sizes", "MAX_EOS", "COMPACT_MIN_ROWS"]

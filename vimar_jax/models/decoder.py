@@ -149,6 +149,14 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache of batch rows `rows [R]` (in that order)."""
+        return KVCache(jnp.take(self.k, rows, axis=1), jnp.take(self.v, rows, axis=1), jnp.take(self.pos, rows, axis=0))
+
+    def put_rows(self, rows: jax.Array, part: "KVCache") -> "KVCache":
+        """This cache with batch rows `rows [R]` replaced by those of `part` (batch R, same slots)."""
+        return KVCache(self.k.at[:, rows].set(part.k), self.v.at[:, rows].set(part.v), self.pos.at[rows].set(part.pos))
+
 
 # --------------------------------------------------------------------------------------------- module
 
