@@ -229,3 +229,14 @@ def test_ceiling_truth_scorer_and_rows(tmp_path, capsys):
     capsys.readouterr()
     assert ceiling.main(["--models", str(tmp_path)]) == 2
     assert f"{tmp_path} lacks clip, policy" in capsys.readouterr().err
+
+
+def test_engine_cpu_smoke():
+    out = run_bench("engine_cpu.py")
+    rows = {r[0]: r for r in table_rows(out)}
+    assert "visvm" not in rows                               # --smoke: greedy and ViMaR only
+    for method in ("greedy", "vimar"):
+        fixed, per_call, compact, r1, r2 = numbers(rows[method])[:5]
+        assert min(fixed, per_call, compact) > 0, method
+        for ours, r in ((per_call, r1), (compact, r2)):      # printed to 3 decimals, ratios to 2
+            assert abs(r - fixed / ours) <= 0.02 * fixed / ours + 0.0005 * (1 + fixed / ours) / ours + 0.005
