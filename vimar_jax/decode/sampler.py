@@ -162,7 +162,6 @@ class Settings:
                         row("stop_after_sentences", stop_after_sentences, np.int32),
                         jnp.asarray(np.pad(eos, (0, MAX_EOS - eos.size), constant_values=-1)))
 
-
     def take(self, rows: jax.Array) -> "Settings":
         """The settings of rows `rows [R]` (the EOS set is shared)."""
         t = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
