@@ -132,6 +132,19 @@ def shipped_tiny_world() -> dict[str, str]:
     return found
 
 
+def tiny_world_models(roles: Sequence[str], prefix: str = "vimar_bench_"):
+    """(checkpoint directories by role, what they are, a `TemporaryDirectory` to clean up or None): the shipped
+    tiny world's when it has every role in `roles`, else random models of its shapes in a temporary directory."""
+    import tempfile
+
+    found = shipped_tiny_world()
+    if all(r in found for r in roles):
+        names = {"policy": "policy", "value": "value model", "clip": "CLIP"}
+        return found, "the shipped tiny-world " + " and ".join(names[r] for r in roles), None
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    return random_tiny_world(tmp.name, roles=tuple(roles)), "random models of the tiny world's shapes", tmp
+
+
 def random_tiny_world(directory: str, *, seed: int = 0, roles=("policy", "value", "clip")) -> dict[str, str]:
     """Random checkpoints of the tiny world's shapes, in HF format under `directory`: a policy (tiny
     tokenizer "a", chat template, processor), a value model (the policy's weights + a random float32 head,

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 
-from common import Table, fmt, machine_line, random_tiny_world, ratio, shipped_tiny_world
+from common import Table, fmt, machine_line, ratio, tiny_world_models
 from search_cpu import calibrate_theta
 
 from vimar_jax.data import sources  # noqa: E402
@@ -62,14 +61,7 @@ def main(argv=None) -> int:
         args.images, args.warmup, args.n, args.k, args.max_new_tokens, args.sentence_max_tokens = 1, 1, 2, 4, 32, 16
         methods = [m for m in methods if m != "visvm"] or methods
 
-    found = shipped_tiny_world()
-    tmp = None
-    if "policy" in found and "value" in found:
-        origin = "the shipped tiny-world policy and value model"
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="vimar_engine_")
-        found = random_tiny_world(tmp.name, roles=("policy", "value"))
-        origin = "random models of the tiny world's shapes"
+    found, origin, tmp = tiny_world_models(("policy", "value"), prefix="vimar_engine_")
     vlm = load_vlm(found["policy"])
     value = ValueScorer(load_value(found["value"]))
     temps = tuple(round(t, 4) for t in (0.1 + 0.8 * i / max(args.n - 1, 1) for i in range(args.n)))

@@ -22,10 +22,9 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import tempfile
 import time
 
-from common import Table, fmt, machine_line, random_tiny_world, ratio, shipped_tiny_world
+from common import Table, fmt, machine_line, ratio, tiny_world_models
 
 import numpy as np  # noqa: E402
 
@@ -86,14 +85,7 @@ def main(argv=None) -> int:
             1, 2, 2, 32, 16, 3
         args.warmup = 1
 
-    found = shipped_tiny_world()
-    tmp = None
-    if "policy" in found and "value" in found:
-        origin = "the shipped tiny-world policy and value model"
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="vimar_search_")
-        found = random_tiny_world(tmp.name, roles=("policy", "value"))
-        origin = "random models of the tiny world's shapes"
+    found, origin, tmp = tiny_world_models(("policy", "value"), prefix="vimar_search_")
     policy = LlavaPolicy(load_vlm(found["policy"]))
     value = ValueScorer(load_value(found["value"]))
     temps = tuple(float(t) for t in np.linspace(0.1, 0.9, args.n)) if args.n > 1 else (0.5,)

@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import tempfile
 import time
 
-from common import (ROOT, Table, fmt, machine_line, median_times, random_tiny_world, ratio, shipped_tiny_world,
-                    tiny_world_hf)
+from common import ROOT, Table, fmt, machine_line, median_times, ratio, tiny_world_hf, tiny_world_models
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -226,14 +224,7 @@ def bench_rollouts(args) -> Table:
     from vimar_jax.data import sources
 
     gen_rollouts = _load_script("gen_rollouts")
-    tmp = None
-    found = shipped_tiny_world()
-    if "policy" in found and "clip" in found:
-        origin = "the shipped tiny-world policy and CLIP"
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="vimar_bench_")
-        found = random_tiny_world(tmp.name, roles=("policy", "clip"))
-        origin = "random models of the tiny world's shapes"
+    found, origin, tmp = tiny_world_models(("policy", "clip"))
     policy, clip = found["policy"], found["clip"]
     opts = gen_rollouts.parse_args(["--policy", policy, "--clip", clip, "--source", f"tiny:0:{args.rollout_images}",
                                     "--out", "unused", "--max-new-tokens", str(args.rollout_tokens)])
