@@ -24,6 +24,7 @@ Uses the shipped tiny world when present, else random models of its shapes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 from common import Table, fmt, machine_line, ratio, tiny_world_models
@@ -75,8 +76,8 @@ def main(argv=None) -> int:
     except ValueError:
         theta = calibrate_theta(policies["per-call"], value, config, images[0])
         theta_note = "25th percentile of a calibration image's values"
-    engines = {c: Engine(pol, SearchConfig(**{**config.__dict__, "theta": theta}), value=value)
-               for c, pol in policies.items()}
+    config = dataclasses.replace(config, theta=theta)
+    engines = {c: Engine(pol, config, value=value) for c, pol in policies.items()}
 
     for c in CONFIGS:                                   # warm-up: compile every shape the searches meet
         for image in images[1:1 + args.warmup]:

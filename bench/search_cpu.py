@@ -20,6 +20,7 @@ cheaper). The paper reports 4.3x in seconds on LLaVA-NeXT-7B.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import collections
 import statistics
 import time
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     items = sources.tiny_source(args.seed, 1 + args.warmup + args.images).items
     images = [item.load() for item in items]
     theta = calibrate_theta(policy, value, base, images[0])
-    engine = Engine(policy, SearchConfig(**{**base.__dict__, "theta": theta}), value=value)
+    engine = Engine(policy, dataclasses.replace(base, theta=theta), value=value)
 
     for image in images[1:1 + args.warmup]:         # warm-up: compile the shapes the searches use
         for method in METHODS:

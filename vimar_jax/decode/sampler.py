@@ -280,7 +280,10 @@ class Sampler:
         batch = start.logits.shape[0]
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
-        sizes = compaction_sizes(batch) if _compacts(compact, cache, batch) else ()
+        if compact and not (hasattr(cache, "take_rows") and hasattr(cache, "put_rows")):
+            raise TypeError(f"compact=True needs a cache with take_rows and put_rows; a {type(cache).__name__} "
+                            "has not")
+        sizes = compaction_sizes(batch) if compact else ()
         for name, x in (("positions", start.positions), ("last_token", start.last_token),
                         ("temperature", settings.temperature), ("max_new_tokens", settings.max_new_tokens)):
             if jnp.shape(x) != (batch,):
@@ -395,12 +398,6 @@ def compaction_sizes(batch: int, min_rows: int = COMPACT_MIN_ROWS) -> tuple[int,
         sizes.append(size)
         size //= 2
     return tuple(sizes)
-
-
-def _compacts(compact: bool, cache, batch: int) -> bool:
-    if compact and not (hasattr(cache, "take_rows") and hasattr(cache, "put_rows")):
-        raise TypeError(f"compact=True needs a cache with take_rows and put_rows; a {type(cache).__name__} has not")
-    return bool(compact) and bool(compaction_sizes(batch))
 
 
 def _rows(mask, x):
